@@ -1,0 +1,64 @@
+"""The `veq` console script as a user runs it."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser, main
+
+SUBCOMMANDS = ["quantize", "export", "eval", "models", "serve", "bench"]
+
+
+def _veq() -> list[str]:
+    exe = Path(sys.executable).with_name("veq")
+    return [str(exe)] if exe.exists() else [shutil.which("veq") or "veq"]
+
+
+def test_console_script_lists_subcommands():
+    out = subprocess.run([*_veq(), "--help"], capture_output=True, text=True, check=True)
+    for name in SUBCOMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([name, "--help"])
+    assert exc.value.code == 0
+    assert f"usage: veq {name}" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("veq 0.")
+
+
+def test_bad_flag_value_is_one_line_and_nonzero():
+    res = subprocess.run(
+        [*_veq(), "quantize", "--bits", "5"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert res.returncode == 2
+    assert "invalid choice: 5" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_group_size_parsing():
+    parser = build_parser()
+    assert parser.parse_args(["quantize", "--group-size", "channel"]).group_size is None
+    assert parser.parse_args(["quantize", "--group-size", "64"]).group_size == 64
+    with pytest.raises(SystemExit):
+        parser.parse_args(["quantize", "--group-size", "48"])
+
+
+def test_unfinished_subcommand_says_so(capsys):
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not yet available" in err

@@ -1,0 +1,42 @@
+"""Solvers: pure functions of (weight, calibration statistics, `QuantConfig`) → quantized weight.
+
+| method  | function                | statistics it needs                                      |
+|---------|-------------------------|----------------------------------------------------------|
+| rtn     | `rtn`                   | none                                                     |
+| gptq    | `gptq`                  | Hessian `2XᵀX/n`                                         |
+| awq     | `awq`, `awq_moe`        | inputs X (and mean abs per channel)                      |
+| mbq     | `mbq`                   | inputs X and token kinds, vision weight r_l              |
+| veq-me  | `veq_me`                | per-expert routed inputs and importance S_i              |
+| veq-ma  | `veq_ma` (or `gptq`)    | Hessian weighted by `ma_token_weights` (p^λ · α)         |
+"""
+
+from veq.algorithms.awq import AWQResult, awq, search_clip
+from veq.algorithms.gptq import gptq
+from veq.algorithms.mbq import mbq, mbq_token_weights
+from veq.algorithms.rtn import rtn
+from veq.algorithms.veq import (
+    ExpertWeights,
+    SharedScaleResult,
+    awq_moe,
+    expert_importance,
+    ma_token_weights,
+    veq_ma,
+    veq_me,
+)
+
+__all__ = [
+    "AWQResult",
+    "ExpertWeights",
+    "SharedScaleResult",
+    "awq",
+    "awq_moe",
+    "expert_importance",
+    "gptq",
+    "ma_token_weights",
+    "mbq",
+    "mbq_token_weights",
+    "rtn",
+    "search_clip",
+    "veq_ma",
+    "veq_me",
+]
