@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run under the interpreter. It must be switched on before any
+# @triton.jit function is decorated, i.e. before a kernel module is imported: conftest runs first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from veq.testing import correlated_inputs, random_weight
 
