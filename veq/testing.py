@@ -41,3 +41,68 @@ def two_populations(
         [torch.zeros(n_vision, dtype=torch.bool), torch.ones(n_text, dtype=torch.bool)]
     )
     return torch.cat([xv, xt]), is_text
+
+
+def qwen3_vl_moe_config(
+    processor: object,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    experts: int = 8,
+    top_k: int = 2,
+    moe_intermediate: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision_hidden: int = 32,
+    vision_depth: int = 2,
+    deepstack: tuple[int, ...] = (0,),
+    mlp_only_layers: tuple[int, ...] = (),
+):
+    """A small Qwen3-VL-MoE configuration matched to `processor` (a `build_processor()` result:
+    vocabulary size and special-token ids come from it)."""
+    from transformers import Qwen3VLMoeConfig
+
+    tok = processor.tokenizer  # type: ignore[attr-defined]
+    head_dim = hidden // heads
+    return Qwen3VLMoeConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "moe_intermediate_size": moe_intermediate,
+            "num_experts": experts,
+            "num_experts_per_tok": top_k,
+            "mlp_only_layers": list(mlp_only_layers),
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+                "mrope_interleaved": True,
+            },
+            "tie_word_embeddings": False,
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id,
+        },
+        vision_config={
+            "depth": vision_depth,
+            "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_heads": 2,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": hidden,
+            "num_position_embeddings": 256,
+            "deepstack_visual_indexes": list(deepstack),
+        },
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )

@@ -10,7 +10,7 @@
 | veq-ma  | `veq_ma` (or `gptq`)    | Hessian weighted by `ma_token_weights` (p^λ · α)         |
 """
 
-from veq.algorithms.awq import AWQResult, awq, search_clip
+from veq.algorithms.awq import AWQResult, awq, awq_quantize, awq_scales, search_clip
 from veq.algorithms.gptq import gptq
 from veq.algorithms.mbq import mbq, mbq_token_weights
 from veq.algorithms.rtn import rtn
@@ -20,6 +20,7 @@ from veq.algorithms.veq import (
     awq_moe,
     expert_importance,
     ma_token_weights,
+    shared_scale_search,
     veq_ma,
     veq_me,
 )
@@ -29,6 +30,8 @@ __all__ = [
     "ExpertWeights",
     "SharedScaleResult",
     "awq",
+    "awq_quantize",
+    "awq_scales",
     "awq_moe",
     "expert_importance",
     "gptq",
@@ -37,6 +40,7 @@ __all__ = [
     "mbq_token_weights",
     "rtn",
     "search_clip",
+    "shared_scale_search",
     "veq_ma",
     "veq_me",
 ]

@@ -120,7 +120,7 @@ def search_clip(
     return best_ratio
 
 
-def awq(
+def awq_scales(
     weights: Sequence[Tensor],
     x: Tensor,
     cfg: QuantConfig,
@@ -128,18 +128,13 @@ def awq(
     token_weights: Tensor | None = None,
     act_mean: Tensor | None = None,
     grid: int = 20,
-    clip: bool = True,
-) -> AWQResult:
-    """Search one scale shared by linears that read the same input, then quantize each.
+) -> tuple[Tensor, float]:
+    """The AWQ scale `[K]` shared by linears `[N_i, K]` reading `x: [T, K]`, and its exponent α.
 
     Args:
-        weights: linears `[N_i, K]` fed by the same input (q/k/v, or gate/up).
-        x: [T, K] calibration inputs (a subsample is fine: the loss is a mean).
         token_weights: optional [T] weights c_t of each token in the loss (MBQ, VEQ).
-        act_mean: optional [K] mean |x| over the full calibration set; computed from `x` (weighted)
-            when omitted.
-        grid: number of α candidates.
-        clip: also search per-group clipping after scaling.
+        act_mean: optional [K] mean |x| over the full calibration set; computed from `x`
+            (weighted) when omitted.
     """
     if not weights:
         raise ValueError("awq needs at least one weight")
@@ -162,10 +157,51 @@ def awq(
             for w, ref in zip(ws, refs, strict=True)
         )
 
-    scales, ratio = search_scale(act_mean, loss, grid)
-    qweights = []
-    for w in ws:
-        w_s = w * scales
-        clip_ratio = search_clip(w_s, x / scales, cfg, token_weights=c) if clip else None
-        qweights.append(quantize_weight(w_s, cfg, clip_ratio))
+    return search_scale(act_mean, loss, grid)
+
+
+def awq_quantize(
+    weight: Tensor,
+    x: Tensor | None,
+    cfg: QuantConfig,
+    *,
+    token_weights: Tensor | None = None,
+    clip: bool = True,
+) -> QuantizedWeight:
+    """Round-to-nearest of an (already scaled) `weight: [N, K]`, after the clip search on its
+    (already scaled) inputs `x: [T, K]` when `clip` and inputs are given."""
+    clip_ratio = None
+    if clip and x is not None and x.shape[0] > 0:
+        clip_ratio = search_clip(weight.float(), x.float(), cfg, token_weights=token_weights)
+    return quantize_weight(weight, cfg, clip_ratio)
+
+
+def awq(
+    weights: Sequence[Tensor],
+    x: Tensor,
+    cfg: QuantConfig,
+    *,
+    token_weights: Tensor | None = None,
+    act_mean: Tensor | None = None,
+    grid: int = 20,
+    clip: bool = True,
+) -> AWQResult:
+    """Search one scale shared by linears that read the same input, then quantize each.
+
+    Args:
+        weights: linears `[N_i, K]` fed by the same input (q/k/v, or gate/up).
+        x: [T, K] calibration inputs (a subsample is fine: the loss is a mean).
+        token_weights: optional [T] weights c_t of each token in the loss (MBQ, VEQ).
+        act_mean: optional [K] mean |x| over the full calibration set.
+        grid: number of α candidates.
+        clip: also search per-group clipping after scaling.
+    """
+    scales, ratio = awq_scales(
+        weights, x, cfg, token_weights=token_weights, act_mean=act_mean, grid=grid
+    )
+    xs = x.reshape(-1, x.shape[-1]).float() / scales
+    qweights = [
+        awq_quantize(w.detach().float() * scales, xs, cfg, token_weights=token_weights, clip=clip)
+        for w in weights
+    ]
     return AWQResult(qweights, scales, ratio)

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from veq.algorithms.awq import search_clip, search_scale, weighted_mse
+from veq.algorithms.awq import awq_quantize, search_scale, weighted_mse
 from veq.algorithms.gptq import gptq
 from veq.config import QuantConfig
-from veq.quantizer import QuantizedWeight, fake_quantize, quantize_weight
+from veq.quantizer import QuantizedWeight, fake_quantize
 from veq.stats import ActivationStats, HessianAccumulator
 
 
@@ -96,6 +96,60 @@ class SharedScaleResult:
     ratio: float
 
 
+def shared_scale_search(
+    experts: Sequence[ExpertWeights],
+    inputs: Sequence[Tensor],
+    importance: Tensor,
+    cfg: QuantConfig,
+    *,
+    token_weights: Sequence[Tensor | None] | None = None,
+    grid: int = 20,
+) -> tuple[Tensor, float]:
+    """VEQ-ME's search: the `[H]` gate/up scale shared by all experts, and its exponent α.
+
+    Loss `Σ_i S_i · L_i / Σ_i S_i` with `L_i` expert i's (optionally token-weighted) mean squared
+    output error over its tokens. The activation statistic behind the candidate scales is
+    importance-weighted as well (`Σ_i S_i mean|X_i| / Σ_i S_i`); otherwise the grid could never
+    move toward a hot expert's salient channels, only rescale the pooled ones. down_proj stays
+    in full precision during the search.
+
+    Args:
+        experts: E experts.
+        inputs: E tensors `[T_i, H]`, the tokens routed to each expert (may be empty).
+        importance: [E] non-negative S_i.
+        token_weights: optional E tensors `[T_i]` (or None entries) weighting tokens in L_i.
+    """
+    if not (len(experts) == len(inputs) == importance.numel()):
+        raise ValueError("experts, inputs and importance must have one entry per expert")
+    h = experts[0].gate.shape[1]
+    xs = [x.reshape(-1, h).float() for x in inputs]
+    cs = list(token_weights) if token_weights is not None else [None] * len(xs)
+    imp = importance.reshape(-1).float()
+    live = [i for i, x in enumerate(xs) if x.shape[0] > 0 and imp[i] > 0]
+    if not live:
+        raise ValueError("no expert has both routed tokens and positive importance")
+    fp = [ExpertWeights(e.gate.float(), e.up.float(), e.down.float()) for e in experts]
+    total = float(imp[live].sum())
+
+    act_mean = torch.zeros(h, device=xs[live[0]].device)
+    for i in live:
+        stats = ActivationStats(h, device=xs[i].device)
+        stats.add(xs[i], cs[i])
+        act_mean += float(imp[i]) * stats.mean_abs()
+    act_mean /= total
+    refs = {i: fp[i].forward(xs[i]) for i in live}
+
+    def loss(s: Tensor) -> float:
+        value = 0.0
+        for i in live:
+            gq = fake_quantize(fp[i].gate * s, cfg) / s
+            uq = fake_quantize(fp[i].up * s, cfg) / s
+            value += float(imp[i]) * weighted_mse(fp[i].forward(xs[i], gq, uq), refs[i], cs[i])
+        return value / total
+
+    return search_scale(act_mean, loss, grid)
+
+
 def veq_me(
     experts: Sequence[ExpertWeights],
     inputs: Sequence[Tensor],
@@ -105,54 +159,15 @@ def veq_me(
     grid: int = 20,
     clip: bool = True,
 ) -> SharedScaleResult:
-    """Importance-weighted AWQ search of the gate/up scale shared by all experts of a layer.
-
-    Args:
-        experts: E experts (fp weights, float32 math).
-        inputs: E tensors `[T_i, H]`, the calibration tokens routed to each expert (may be empty).
-        importance: [E] non-negative S_i.
-
-    The activation statistic behind the candidate scales is importance-weighted as well
-    (`Σ_i S_i mean|X_i| / Σ_i S_i`); otherwise the grid could never move toward a hot expert's
-    salient channels, only rescale the pooled ones. down_proj is kept in full precision during
-    the search; its own per-expert up→down search is plain AWQ.
-    """
-    if not (len(experts) == len(inputs) == importance.numel()):
-        raise ValueError("experts, inputs and importance must have one entry per expert")
-    h = experts[0].gate.shape[1]
-    xs = [x.reshape(-1, h).float() for x in inputs]
-    imp = importance.reshape(-1).float()
-    live = [i for i, x in enumerate(xs) if x.shape[0] > 0 and imp[i] > 0]
-    if not live:
-        raise ValueError("no expert has both routed tokens and positive importance")
-    fp = [ExpertWeights(e.gate.float(), e.up.float(), e.down.float()) for e in experts]
-
-    act_mean = torch.zeros(h, device=xs[0].device)
-    for i in live:
-        stats = ActivationStats(h, device=xs[i].device)
-        stats.add(xs[i])
-        act_mean += imp[i] * stats.mean_abs()
-    act_mean /= imp[live].sum()
-    refs = {i: fp[i].forward(xs[i]) for i in live}
-
-    def loss(s: Tensor) -> float:
-        total = 0.0
-        for i in live:
-            gq = fake_quantize(fp[i].gate * s, cfg) / s
-            uq = fake_quantize(fp[i].up * s, cfg) / s
-            total += float(imp[i]) * weighted_mse(fp[i].forward(xs[i], gq, uq), refs[i], None)
-        return total / float(imp[live].sum())
-
-    scales, ratio = search_scale(act_mean, loss, grid)
+    """Importance-weighted shared gate/up scale (`shared_scale_search`), then every expert's
+    scaled gate/up quantized with its own clip search. Experts without tokens are still
+    quantized (plain min/max), never left in 16 bits."""
+    scales, ratio = shared_scale_search(experts, inputs, importance, cfg, grid=grid)
     gates, ups = [], []
-    for e, x in zip(fp, xs, strict=True):
-        pair = []
-        for w in (e.gate, e.up):
-            w_s = w * scales
-            clip_ratio = search_clip(w_s, x / scales, cfg) if clip and x.shape[0] else None
-            pair.append(quantize_weight(w_s, cfg, clip_ratio))
-        gates.append(pair[0])
-        ups.append(pair[1])
+    for e, x in zip(experts, inputs, strict=True):
+        xs = x.reshape(-1, e.gate.shape[1]).float() / scales
+        gates.append(awq_quantize(e.gate.float() * scales, xs, cfg, clip=clip))
+        ups.append(awq_quantize(e.up.float() * scales, xs, cfg, clip=clip))
     return SharedScaleResult(gates, ups, scales, ratio)
 
 

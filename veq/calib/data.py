@@ -1,0 +1,343 @@
+"""Calibration data: conversations with images, turned into model inputs with token kinds.
+
+Owns three sources: a built-in offline set (real photographs shipped by scikit-image, with
+captions and questions written for them), a JSONL file (`{"image", "messages"}` or LLaVA-style
+`{"image", "conversations"}`), and a Hugging Face dataset by name (needs `datasets` and a
+network). Every sample goes through the model's own chat template and processor, and each token
+is tagged vision / prompt / answer (`veq.tokens.TokenKind`). It does not run the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from veq.tokens import TokenKind
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Images in order of appearance, and chat messages whose content parts reference them as
+    `{"type": "image"}`; assistant messages are the answers the loss and MBQ weigh."""
+
+    images: tuple[Image.Image, ...]
+    messages: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class CalibSample:
+    """One tokenized sequence: model forward kwargs (batch of one) and token kinds `[S]` int8."""
+
+    inputs: dict[str, Tensor]
+    kinds: Tensor
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+# Real photographs shipped (offline) by scikit-image, with text written for each.
+_PHOTOS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "astronaut": (
+        "An astronaut in a white spacesuit poses in front of an American flag.",
+        [("Who is in the picture?", "An astronaut."), ("What colour is the suit?", "White.")],
+    ),
+    "chelsea": (
+        "A ginger tabby cat looks to the side with its ears up.",
+        [("What animal is this?", "A cat."), ("What colour is its fur?", "Orange.")],
+    ),
+    "coffee": (
+        "A cup of coffee on a saucer with a spoon, seen from above on a red table.",
+        [("What drink is shown?", "Coffee."), ("Is there a spoon?", "Yes.")],
+    ),
+    "rocket": (
+        "A rocket stands on the launch pad under a clear sky.",
+        [("What vehicle is this?", "A rocket."), ("Is it flying?", "No.")],
+    ),
+    "camera": (
+        "A black-and-white photo of a man operating a camera on a tripod.",
+        [("Is the photo in colour?", "No."), ("What is the man using?", "A camera.")],
+    ),
+    "coins": (
+        "Many old coins lie scattered on a dark background.",
+        [("What objects are shown?", "Coins."), ("Are there more than five?", "Yes.")],
+    ),
+    "moon": (
+        "The surface of the moon with craters, in grey tones.",
+        [("What is shown?", "The moon's surface."), ("Are there craters?", "Yes.")],
+    ),
+    "hubble_deep_field": (
+        "A deep-space telescope image full of distant galaxies.",
+        [("What fills the image?", "Galaxies."), ("Is the background dark?", "Yes.")],
+    ),
+    "immunohistochemistry": (
+        "A microscope image of stained tissue with brown and blue cells.",
+        [("What kind of image is this?", "A microscope image."), ("Name a colour.", "Brown.")],
+    ),
+    "retina": (
+        "A medical photograph of a human retina with blood vessels.",
+        [("What organ is shown?", "An eye's retina."), ("Are vessels visible?", "Yes.")],
+    ),
+    "page": (
+        "A scanned page of printed text with uneven lighting.",
+        [("What does the image contain?", "Printed text."), ("Is it a photo of a cat?", "No.")],
+    ),
+    "clock": (
+        "A wall clock photographed at an angle.",
+        [("What object is this?", "A clock."), ("Does it have hands?", "Yes.")],
+    ),
+    "colorwheel": (
+        "A colour wheel showing all hues around a circle.",
+        [("What shape is it?", "A circle."), ("How many colours?", "Many.")],
+    ),
+    "brick": (
+        "A close-up of a brick wall texture.",
+        [("What material is this?", "Brick."), ("Is it a person?", "No.")],
+    ),
+}
+
+_TEXT_ONLY: list[tuple[str, str]] = [
+    ("What is 7 plus 5?", "12."),
+    ("Spell the word cat backwards.", "tac."),
+    ("Which is larger, 19 or 91?", "91."),
+    ("Name the colour of the sky on a clear day.", "Blue."),
+    ("Complete the sequence: 2, 4, 6, ...", "8."),
+    ("What is the opposite of cold?", "Hot."),
+]
+
+
+def _photo(name: str, max_side: int) -> Image.Image:
+    import skimage.data
+
+    array = np.asarray(getattr(skimage.data, name)())
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    img = Image.fromarray(array).convert("RGB")
+    img.thumbnail((max_side, max_side))
+    return img
+
+
+def builtin_conversations(n: int, seed: int = 0, max_side: int = 224) -> list[Conversation]:
+    """`n` conversations cycling over the photos (two turns each: caption, question) with a
+    text-only conversation every fourth sample so that text-only routing is represented."""
+    rng = random.Random(seed)
+    names = sorted(_PHOTOS)
+    rng.shuffle(names)
+    out = []
+    for i in range(n):
+        if i % 4 == 3:
+            q, a = _TEXT_ONLY[(i // 4) % len(_TEXT_ONLY)]
+            out.append(
+                Conversation(
+                    (), ({"role": "user", "content": q}, {"role": "assistant", "content": a})
+                )
+            )
+            continue
+        name = names[i % len(names)]
+        caption, qas = _PHOTOS[name]
+        q, a = qas[rng.randrange(len(qas))]
+        messages = (
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}],
+            },
+            {"role": "assistant", "content": caption},
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": a},
+        )
+        out.append(Conversation((_photo(name, max_side),), messages))
+    return out
+
+
+def _load_image(path: str, base: Path) -> Image.Image:
+    p = Path(path)
+    p = p if p.is_absolute() else base / p
+    try:
+        with Image.open(p) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"cannot read calibration image {path!r}: {exc}") from None
+
+
+def _llava_messages(turns: Sequence[dict[str, Any]], n_images: int) -> list[dict[str, Any]]:
+    messages = []
+    for turn in turns:
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}.get(
+            str(turn.get("from", turn.get("role"))), None
+        )
+        if role is None:
+            raise CalibrationError(f"unknown LLaVA speaker {turn.get('from')!r}")
+        text = str(turn.get("value", turn.get("content", "")))
+        if role == "user" and "<image>" in text:
+            parts: list[dict[str, Any]] = []
+            for k, piece in enumerate(text.split("<image>")):
+                if k:
+                    parts.append({"type": "image"})
+                if piece.strip():
+                    parts.append({"type": "text", "text": piece.strip()})
+            messages.append({"role": role, "content": parts})
+        else:
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def _normalise_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI-style `image_url` parts become `{"type": "image"}` placeholders."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = [
+                {"type": "image"} if p.get("type") in ("image", "image_url") else p for p in content
+            ]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def load_jsonl(path: str | Path) -> list[Conversation]:
+    """Conversations from a JSONL file; image paths are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {str(path)!r} does not exist")
+    out = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{path.name}:{lineno}: invalid JSON ({exc.msg})") from None
+        images = row.get("images") or ([row["image"]] if row.get("image") else [])
+        imgs = tuple(_load_image(str(p), path.parent) for p in images)
+        if "messages" in row:
+            messages = _normalise_parts(row["messages"])
+        elif "conversations" in row:
+            messages = _llava_messages(row["conversations"], len(imgs))
+        else:
+            raise CalibrationError(f"{path.name}:{lineno}: needs 'messages' or 'conversations'")
+        n_parts = sum(
+            1
+            for m in messages
+            if isinstance(m["content"], list)
+            for p in m["content"]
+            if p.get("type") == "image"
+        )
+        if n_parts != len(imgs):
+            raise CalibrationError(
+                f"{path.name}:{lineno}: {len(imgs)} image(s) but {n_parts} image placeholder(s)"
+            )
+        out.append(Conversation(imgs, tuple(messages)))
+    if not out:
+        raise CalibrationError(f"calibration file {path.name} has no samples")
+    return out
+
+
+def load_hf_dataset(name: str, n: int, split: str = "train") -> list[Conversation]:
+    """LLaVA-style conversations from a Hugging Face dataset (needs `datasets` and a network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationError(
+            "calibration from a Hugging Face dataset needs the 'datasets' package "
+            "(pip install 'veq[hf]') and a network; use 'builtin' or a JSONL file offline"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, split=f"{split}[:{n}]")
+    except Exception as exc:  # datasets raises many types for "not found / offline"
+        raise CalibrationError(f"cannot load dataset {name!r}: {exc}") from None
+    out = []
+    for row in ds:
+        image = row.get("image")
+        imgs = (image.convert("RGB"),) if isinstance(image, Image.Image) else ()
+        if "conversations" in row:
+            messages = _llava_messages(row["conversations"], len(imgs))
+        else:
+            messages = _normalise_parts(row["messages"])
+        out.append(Conversation(imgs, tuple(messages)))
+    return out
+
+
+def conversations(spec: str, n: int, seed: int = 0) -> list[Conversation]:
+    """`spec`: 'builtin', a path to a .jsonl file, or 'hf:NAME[:SPLIT]'."""
+    if n < 1:
+        raise CalibrationError(f"need at least one calibration sample, got {n}")
+    if spec == "builtin":
+        return builtin_conversations(n, seed)
+    if spec.startswith("hf:"):
+        name, _, split = spec[3:].partition(":")
+        return load_hf_dataset(name, n, split or "train")
+    convs = load_jsonl(spec)
+    random.Random(seed).shuffle(convs)
+    return convs[:n]
+
+
+def _images_before(messages: Sequence[dict[str, Any]]) -> int:
+    return sum(
+        1
+        for m in messages
+        if isinstance(m["content"], list)
+        for p in m["content"]
+        if p.get("type") == "image"
+    )
+
+
+def _encode(
+    processor: Any,
+    messages: Sequence[dict[str, Any]],
+    images: Sequence[Image.Image],
+    generation_prompt: bool,
+) -> dict[str, Tensor]:
+    text = processor.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=generation_prompt
+    )
+    kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+    if images:
+        kwargs["images"] = list(images)
+    return dict(processor(**kwargs))
+
+
+def encode_conversation(
+    processor: Any, conv: Conversation, image_token_id: int, max_len: int = 2048
+) -> CalibSample:
+    """Tokenize through the model's chat template and processor; tag every token's kind.
+
+    Answer spans come from prefix lengths: the tokens between "everything before this assistant
+    turn + generation prompt" and "everything up to the end of this turn" are answer tokens.
+    """
+    full = _encode(processor, conv.messages, conv.images, False)
+    ids = full["input_ids"][0]
+    if ids.numel() > max_len:
+        raise CalibrationError(f"calibration sample of {ids.numel()} tokens exceeds {max_len}")
+    kinds = torch.full(ids.shape, int(TokenKind.PROMPT), dtype=torch.int8)
+    for k, message in enumerate(conv.messages):
+        if message["role"] != "assistant":
+            continue
+        before = conv.messages[:k]
+        start = _encode(processor, before, conv.images[: _images_before(before)], True)
+        end = _encode(
+            processor, conv.messages[: k + 1], conv.images[: _images_before(before)], False
+        )
+        kinds[start["input_ids"].shape[1] : end["input_ids"].shape[1]] = int(TokenKind.ANSWER)
+    kinds[ids == image_token_id] = int(TokenKind.VISION)
+    return CalibSample(inputs=full, kinds=kinds)
+
+
+def fingerprint(samples: Sequence[CalibSample]) -> str:
+    """Stable hash of the calibration inputs (token ids, pixels, kinds)."""
+    h = hashlib.sha256()
+    for s in samples:
+        for key in sorted(s.inputs):
+            h.update(key.encode())
+            h.update(s.inputs[key].detach().cpu().contiguous().numpy().tobytes())
+        h.update(s.kinds.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,675 @@
+"""The layer-by-layer calibration pipeline: statistics → solvers → quantized weights.
+
+Runs the decoder one layer at a time (only that layer on the calibration device, the rest where
+it was). Per layer: pass 1 runs the original layer over every calibration sample with hooks on
+(per-group Hessians weighted as the method asks, inputs kept for AWQ-family searches, the MoE
+block's inputs for routing); then AWQ-family scales are searched and folded into the previous
+operation (the function is unchanged in full precision); then every linear is quantized and its
+dequantized weights written back; pass 2 runs the *quantized* layer to produce the next layer's
+inputs. It does not save anything (`veq.checkpoint` does) and knows architectures only through
+`veq.models` tables.
+
+Shape legend: T tokens, S sequence, E experts, H hidden, I expert intermediate, K in-features.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from veq.algorithms import (
+    ExpertWeights,
+    awq_quantize,
+    awq_scales,
+    expert_importance,
+    gptq,
+    ma_token_weights,
+    mbq_token_weights,
+    rtn,
+    shared_scale_search,
+)
+from veq.calib.data import CalibSample
+from veq.config import QuantConfig
+from veq.format import packed_nbytes
+from veq.models import (
+    Architecture,
+    LinearGroup,
+    MoEView,
+    decoder_layers,
+    get_architecture,
+    get_module,
+    is_moe_layer,
+    layer_linears,
+)
+from veq.quantizer import QuantizedWeight
+from veq.recipe import (
+    HESSIAN_METHODS,
+    MODALITY_METHODS,
+    SCALE_METHODS,
+    Recipe,
+    allocate_expert_bits,
+)
+from veq.stats import ActivationStats, HessianAccumulator
+from veq.tokens import TokenKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantReport:
+    """What a calibration run did, for the CLI summary, the checkpoint and the server."""
+
+    method: str
+    recipe: dict[str, Any]
+    gamma: float
+    gamma_source: str
+    beta: float
+    bits: dict[str, int] = field(default_factory=dict)
+    fallback_experts: list[dict[str, int]] = field(default_factory=list)
+    bytes_16bit: int = 0
+    bytes_quantized: int = 0
+    seconds: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    layers: int = 0
+    gamma_detail: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        by_bits: dict[int, int] = {}
+        for b in self.bits.values():
+            by_bits[b] = by_bits.get(b, 0) + 1
+        lines = [
+            f"method {self.method}: {self.layers} layers, {self.samples} samples, "
+            f"{self.tokens} tokens, {self.seconds:.1f} s",
+            "modules by bits: " + ", ".join(f"{n}×W{b}" for b, n in sorted(by_bits.items())),
+            f"weights: {self.bytes_16bit / 2**20:.2f} MiB (16-bit) -> "
+            f"{self.bytes_quantized / 2**20:.2f} MiB packed "
+            f"({self.bytes_16bit / max(self.bytes_quantized, 1):.2f}x smaller)",
+            f"gamma {self.gamma:.3g} ({self.gamma_source}), beta {self.beta:.3g}",
+        ]
+        if self.fallback_experts:
+            few = ", ".join(
+                f"L{f['layer']}E{f['expert']}({f['tokens']})" for f in self.fallback_experts[:12]
+            )
+            more = len(self.fallback_experts) - 12
+            lines.append(
+                f"{len(self.fallback_experts)} experts with too few tokens used the all-token "
+                f"fallback: {few}" + (f" and {more} more" if more > 0 else "")
+            )
+        return "\n".join(lines)
+
+
+@dataclass
+class QuantResult:
+    """Quantized weights by full module name (experts unfused), and the report."""
+
+    weights: dict[str, QuantizedWeight]
+    report: QuantReport
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to stop the forward at the first decoder layer."""
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def _subsample(n: int, cap: int, device: torch.device | str) -> Tensor:
+    """Evenly spaced indices of at most `cap` of `n` tokens."""
+    if n <= cap:
+        return torch.arange(n, device=device)
+    return torch.linspace(0, n - 1, cap, device=device).round().long()
+
+
+class _Capture:
+    """Layer-0 inputs of every sample, and the text model's kwargs for `post_layer`."""
+
+    def __init__(self) -> None:
+        self.hidden: list[Tensor] = []
+        self.kwargs: list[dict[str, Any]] = []
+        self.text_kwargs: list[dict[str, Any]] = []
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module, arch: Architecture, samples: Sequence[CalibSample], device: torch.device
+) -> _Capture:
+    """Run each sample through the model up to decoder layer 0 and keep its inputs (on CPU)."""
+    text = get_module(model, arch.text_model)
+    layers = decoder_layers(model, arch)
+    cap = _Capture()
+
+    def text_hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
+        keep = ("visual_pos_masks", "deepstack_visual_embeds")
+        cap.text_kwargs.append({k: _to(kwargs.get(k), "cpu") for k in keep})
+
+    def layer_hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        cap.hidden.append(hidden.detach().cpu())
+        cap.kwargs.append(_to(kwargs, "cpu"))
+        raise _Stop
+
+    handles = [
+        text.register_forward_pre_hook(text_hook, with_kwargs=True),
+        layers[0].register_forward_pre_hook(layer_hook, with_kwargs=True),
+    ]
+    try:
+        for sample in samples:
+            try:
+                model(**_to(sample.inputs, device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return cap
+
+
+class _GroupStats:
+    """Statistics of one linear group's shared input over all samples of a layer."""
+
+    def __init__(self, k: int, hessian: bool, scale: bool, cap: int, device: torch.device) -> None:
+        self.hessian = (
+            HessianAccumulator(k, dtype=torch.float64, device=device) if hessian else None
+        )
+        self.act = ActivationStats(k, device=device) if scale else None
+        self.cap = cap
+        self.xs: list[Tensor] = []
+        self.cs: list[Tensor | None] = []
+
+    def add(
+        self, x: Tensor, h_weights: Tensor | None, s_weights: Tensor | None, per_sample: int
+    ) -> None:
+        if self.hessian is not None:
+            self.hessian.add(x, h_weights)
+        if self.act is not None:
+            self.act.add(x, s_weights)
+            idx = _subsample(x.shape[0], per_sample, x.device)
+            self.xs.append(x[idx].float())
+            self.cs.append(s_weights[idx] if s_weights is not None else None)
+
+    def sample(self) -> tuple[Tensor | None, Tensor | None]:
+        if not self.xs:
+            return None, None
+        x = torch.cat(self.xs)
+        c = None if any(c is None for c in self.cs) else torch.cat(self.cs)  # type: ignore[arg-type]
+        return x, c
+
+
+class Calibrator:
+    """Quantizes one model with one recipe; `run()` does the work."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        samples: Sequence[CalibSample],
+        recipe: Recipe,
+        *,
+        gamma: float,
+        gamma_source: str,
+        vision_ratios: Sequence[float] | None = None,
+        device: torch.device | str = "cpu",
+        progress: bool = True,
+    ) -> None:
+        if not samples:
+            raise ValueError("calibration needs at least one sample")
+        self.model = model
+        self.arch = get_architecture(model)
+        self.samples = list(samples)
+        self.recipe = recipe
+        self.gamma = float(gamma)
+        self.device = torch.device(device)
+        self.progress = progress
+        layers = decoder_layers(model, self.arch)
+        self.vision_ratios = (
+            list(vision_ratios) if vision_ratios else [1.0 / self.gamma] * len(layers)
+        )
+        kinds = torch.cat([s.kinds for s in self.samples])
+        n_vis = int((kinds == TokenKind.VISION).sum())
+        n_text = int(kinds.numel() - n_vis)
+        self.beta = n_text / n_vis if n_vis else 0.0
+        self.report = QuantReport(
+            method=recipe.method,
+            recipe=recipe.model_dump(),
+            gamma=self.gamma,
+            gamma_source=gamma_source,
+            beta=self.beta,
+            samples=len(self.samples),
+            tokens=int(kinds.numel()),
+            layers=len(layers),
+        )
+        self.weights: dict[str, QuantizedWeight] = {}
+        self.dtype = next(model.parameters()).dtype
+
+    # -- token weights, per method ---------------------------------------------------------
+
+    def _hessian_weights(self, kinds: Tensor, p: Tensor | None = None) -> Tensor | None:
+        """c_j of the GPTQ-family Hessian: VEQ-MA's p^λ·α, or p alone for plain GPTQ."""
+        if self.recipe.method in ("veq-ma", "veq"):
+            return ma_token_weights(kinds != TokenKind.VISION, self.gamma, p, self.recipe.lam)
+        return p
+
+    def _search_weights(self, kinds: Tensor, layer: int, p: Tensor | None = None) -> Tensor | None:
+        """c_t of the AWQ-family losses: MBQ's modality weights, else p (fallback) or none."""
+        if self.recipe.method == "mbq":
+            c = mbq_token_weights(kinds, self.vision_ratios[layer])
+            return c if p is None else c * p
+        return p
+
+    # -- the loop ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self) -> QuantResult:
+        t0 = time.perf_counter()
+        layers = decoder_layers(self.model, self.arch)
+        self.model.eval()
+        cap = self._capture(layers)
+        bar = tqdm(
+            total=len(layers),
+            desc=f"quantize {self.recipe.label}",
+            unit="layer",
+            disable=not self.progress,
+        )
+        prefix = f"{self.arch.text_model}.layers"
+        try:
+            for i, layer in enumerate(layers):
+                home = next(layer.parameters()).device
+                layer.to(self.device)
+                self._quantize_layer(i, layer, f"{prefix}.{i}", cap)
+                cap.hidden = self._propagate(i, layer, cap)
+                layer.to(home)
+                bar.update(1)
+        finally:
+            bar.close()
+        self.report.seconds = time.perf_counter() - t0
+        return QuantResult(self.weights, self.report)
+
+    def _capture(self, layers: nn.ModuleList) -> _Capture:
+        text = get_module(self.model, self.arch.text_model)
+        # Everything but the decoder layers goes to the device for the capture forward.
+        saved, text.layers = text.layers, nn.ModuleList()
+        homes = {n: p.device for n, p in self.model.named_parameters()}
+        self.model.to(self.device)
+        text.layers = saved
+        try:
+            return capture_inputs(self.model, self.arch, self.samples, self.device)
+        finally:
+            if self.device.type != "cpu":
+                for name, param in self.model.named_parameters():
+                    if homes.get(name, param.device) != param.device and "layers" not in name:
+                        param.data = param.data.to(homes[name])
+
+    @torch.no_grad()
+    def _run_layer(self, layer: nn.Module, cap: _Capture, s: int) -> Tensor:
+        out = layer(cap.hidden[s].to(self.device), **_to(cap.kwargs[s], self.device))
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def _propagate(self, i: int, layer: nn.Module, cap: _Capture) -> list[Tensor]:
+        outs = []
+        for s in range(len(self.samples)):
+            out = self._run_layer(layer, cap, s)
+            if self.arch.post_layer is not None:
+                out = self.arch.post_layer(i, out, _to(cap.text_kwargs[s], self.device))
+            outs.append(out.cpu())
+        return outs
+
+    # -- one layer -----------------------------------------------------------------------
+
+    def _quantize_layer(self, i: int, layer: nn.Module, prefix: str, cap: _Capture) -> None:
+        method = self.recipe.method
+        groups = layer_linears(layer, self.arch)
+        moe = MoEView(layer, self.arch.moe) if is_moe_layer(layer, self.arch) else None
+        per_sample = max(1, self.recipe.max_search_tokens // len(self.samples))
+        stats: dict[str, _GroupStats] = {}
+        moe_inputs: list[Tensor] = []
+        current: dict[str, Tensor] = {}
+
+        def group_hook(key: str) -> Callable[[nn.Module, tuple], None]:
+            def hook(module: nn.Module, args: tuple) -> None:
+                x = args[0].reshape(-1, args[0].shape[-1])
+                kinds = current["kinds"]
+                st = stats.setdefault(
+                    key,
+                    _GroupStats(
+                        x.shape[1],
+                        method in HESSIAN_METHODS,
+                        method in SCALE_METHODS,
+                        self.recipe.max_search_tokens,
+                        self.device,
+                    ),
+                )
+                st.add(x, self._hessian_weights(kinds), self._search_weights(kinds, i), per_sample)
+
+            return hook
+
+        handles = []
+        if method != "rtn":
+            for g in groups:
+                handles.append(
+                    get_module(layer, g.linears[0]).register_forward_pre_hook(
+                        group_hook(g.linears[0])
+                    )
+                )
+        if moe is not None:
+
+            def moe_hook(module: nn.Module, args: tuple) -> None:
+                moe_inputs.append(args[0].reshape(-1, args[0].shape[-1]).detach())
+
+            handles.append(moe.block.register_forward_pre_hook(moe_hook))
+        try:
+            for s, sample in enumerate(self.samples):
+                current["kinds"] = sample.kinds.to(self.device)
+                self._run_layer(layer, cap, s)
+        finally:
+            for h in handles:
+                h.remove()
+
+        kinds = torch.cat([s.kinds for s in self.samples]).to(self.device)
+        moe_plan = self._plan_moe(i, moe, torch.cat(moe_inputs), kinds) if moe is not None else None
+
+        # Phase A: AWQ-family scales, folded into full-precision weights (function unchanged).
+        scales: dict[str, Tensor] = {}
+        if method in SCALE_METHODS:
+            for g in groups:
+                s = self._search_group(layer, g, stats.get(g.linears[0]))
+                if s is not None:
+                    scales[g.linears[0]] = s
+            if moe_plan is not None:
+                self._search_moe(moe_plan)
+
+        # Phase B: quantize every linear, write the dequantized weights back.
+        with torch.no_grad():
+            for g in groups:
+                st = stats.get(g.linears[0])
+                for path in g.linears:
+                    self._quantize_linear(layer, prefix, path, st, scales.get(g.linears[0]))
+            if moe_plan is not None:
+                self._quantize_moe(moe_plan, prefix)
+
+    # -- dense groups --------------------------------------------------------------------
+
+    def _foldable(self, layer: nn.Module, g: LinearGroup, k: int) -> nn.Module | None:
+        if g.prev is None:
+            return None
+        prev = get_module(layer, g.prev)
+        weight = getattr(prev, "weight", None)
+        if weight is None:
+            return None
+        if isinstance(prev, nn.Linear):
+            return prev if prev.out_features == k else None
+        return prev if weight.ndim == 1 and weight.shape[0] == k else None
+
+    @torch.no_grad()
+    def _fold(self, prev: nn.Module, consumers: Sequence[nn.Module], s: Tensor) -> None:
+        """Divide `prev`'s output by s, multiply consumers' input columns by s (exact in fp)."""
+        s = s.to(prev.weight.device)
+        if isinstance(prev, nn.Linear):
+            prev.weight.div_(s.unsqueeze(1).to(prev.weight.dtype))
+            if prev.bias is not None:
+                prev.bias.div_(s.to(prev.bias.dtype))
+        else:
+            prev.weight.div_(s.to(prev.weight.dtype))
+        for m in consumers:
+            m.weight.mul_(s.to(m.weight.device, m.weight.dtype))
+
+    def _search_group(
+        self, layer: nn.Module, g: LinearGroup, st: _GroupStats | None
+    ) -> Tensor | None:
+        if st is None:
+            return None
+        x, c = st.sample()
+        if x is None:
+            return None
+        prev = self._foldable(layer, g, x.shape[1])
+        if prev is None:
+            return None
+        linears = [get_module(layer, p) for p in g.linears]
+        cfg = self.recipe.quant_config()
+        s, _ = awq_scales(
+            [m.weight for m in linears],
+            x,
+            cfg,
+            token_weights=c,
+            act_mean=st.act.mean_abs() if st.act is not None else None,
+            grid=self.recipe.awq_grid,
+        )
+        companions = [get_module(layer, p) for p in g.companions]
+        self._fold(prev, linears + companions, s)
+        return s
+
+    def _quantize_linear(
+        self, layer: nn.Module, prefix: str, path: str, st: _GroupStats | None, s: Tensor | None
+    ) -> None:
+        module = get_module(layer, path)
+        cfg = self.recipe.quant_config()
+        qw = self._solve(module.weight, st, s, cfg)
+        module.weight.copy_(qw.dequantize(module.weight.dtype))
+        self._record(f"{prefix}.{path}", qw)
+
+    def _solve(
+        self, weight: Tensor, st: _GroupStats | None, s: Tensor | None, cfg: QuantConfig
+    ) -> QuantizedWeight:
+        method = self.recipe.method
+        if method == "rtn" or st is None:
+            return rtn(weight, cfg)
+        if method in HESSIAN_METHODS:
+            h = st.hessian.hessian() if st.hessian is not None else None
+            if h is not None and s is not None:
+                h = h / torch.outer(s, s).to(h)
+            return gptq(weight, h, cfg, act_order=self.recipe.act_order, damp=self.recipe.damp)
+        x, c = st.sample()
+        if x is not None and s is not None:
+            x = x / s
+        return awq_quantize(weight, x, cfg, token_weights=c, clip=self.recipe.clip)
+
+    def _record(self, name: str, qw: QuantizedWeight) -> None:
+        self.weights[name] = qw
+        n, k = qw.shape
+        self.report.bits[name] = qw.cfg.bits
+        self.report.bytes_16bit += 2 * n * k
+        self.report.bytes_quantized += packed_nbytes(n, k, qw.cfg)
+
+    # -- MoE -----------------------------------------------------------------------------
+
+    def _plan_moe(self, layer_idx: int, moe: MoEView, x: Tensor, kinds: Tensor) -> _MoEPlan:
+        probs, idx, _ = moe.route(x.to(self.device))
+        is_text = kinds != TokenKind.VISION
+        e_count = moe.num_experts
+        members: list[_Member] = []
+        n_text = torch.zeros(e_count)
+        n_vis = torch.zeros(e_count)
+        for e in range(e_count):
+            routed = (idx == e).any(-1)
+            n = int(routed.sum())
+            n_text[e] = float((routed & is_text).sum())
+            n_vis[e] = float((routed & ~is_text).sum())
+            if n >= self.recipe.min_expert_tokens:
+                members.append(_Member(e, routed.nonzero().squeeze(1), None, n))
+            else:
+                # Too few routed tokens for a usable Hessian: every token, weighted by its
+                # router probability for this expert (DESIGN §2); reported.
+                members.append(_Member(e, None, probs[:, e].float(), n))
+                self.report.fallback_experts.append({"layer": layer_idx, "expert": e, "tokens": n})
+        importance = expert_importance(n_text, n_vis, self.gamma, self.beta)
+        if self.recipe.mixed_precision is not None:
+            bits = allocate_expert_bits(importance.tolist(), self.recipe.mixed_precision)
+        else:
+            bits = [self.recipe.bits] * e_count
+        return _MoEPlan(layer_idx, moe, x.to(self.device), kinds, probs, members, importance, bits)
+
+    def _member_tokens(self, plan: _MoEPlan, m: _Member) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Expert m's inputs [T_m, H], their kinds [T_m], and fallback weights p (or None)."""
+        if m.tokens is None:
+            return plan.x, plan.kinds, m.weights
+        return plan.x[m.tokens], plan.kinds[m.tokens], None
+
+    def _search_moe(self, plan: _MoEPlan) -> None:
+        """Per-expert up→down scales, then the gate/up scale shared by all experts (and shared
+        experts), folded into the norm with the router compensated."""
+        layer = plan.moe
+        cap = self.recipe.max_search_tokens
+        cfg = self.recipe.quant_config()
+        with torch.no_grad():
+            for m in plan.members:
+                x, kinds, p = self._member_tokens(plan, m)
+                idx = _subsample(x.shape[0], cap, x.device)
+                ew = layer.expert(m.expert)
+                h = F.silu(x[idx].float() @ ew.gate.float().T) * (x[idx].float() @ ew.up.float().T)
+                c = self._search_weights(kinds[idx], plan.layer, p[idx] if p is not None else None)
+                s2, _ = awq_scales([ew.down], h, cfg, token_weights=c, grid=self.recipe.awq_grid)
+                ew.up.div_(s2.unsqueeze(1).to(ew.up.dtype))
+                ew.down.mul_(s2.to(ew.down.dtype))
+
+        experts, inputs, weights, importance = [], [], [], []
+        for m in plan.members:
+            x, kinds, p = self._member_tokens(plan, m)
+            idx = _subsample(x.shape[0], cap, x.device)
+            experts.append(layer.expert(m.expert))
+            inputs.append(x[idx])
+            c = self._search_weights(kinds[idx], plan.layer, p[idx] if p is not None else None)
+            weights.append(c)
+            importance.append(self._member_importance(plan, m, kinds, p, c))
+        if layer.shared is not None:
+            idx = _subsample(plan.x.shape[0], cap, plan.x.device)
+            sh = layer.shared
+            experts.append(
+                ExpertWeights(sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+            )
+            inputs.append(plan.x[idx])
+            c = self._search_weights(plan.kinds[idx], plan.layer)
+            weights.append(c)
+            importance.append(self._member_importance(plan, None, plan.kinds, None, c))
+        s1, _ = shared_scale_search(
+            experts,
+            inputs,
+            torch.tensor(importance),
+            cfg,
+            token_weights=weights,
+            grid=self.recipe.awq_grid,
+        )
+        plan.scale = s1
+        norm = get_module(self._layer_of(plan), self.arch.mlp_prev)
+        with torch.no_grad():
+            norm.weight.div_(s1.to(norm.weight.device, norm.weight.dtype))
+            layer.router.weight.mul_(s1.to(layer.router.weight.device, layer.router.weight.dtype))
+            for ew in experts:
+                ew.gate.mul_(s1.to(ew.gate.dtype))
+                ew.up.mul_(s1.to(ew.up.dtype))
+
+    def _member_importance(
+        self, plan: _MoEPlan, m: _Member | None, kinds: Tensor, p: Tensor | None, c: Tensor | None
+    ) -> float:
+        """S_i of the shared search: VEQ's γN_text + βN_vis, else the (weighted) token count."""
+        method = self.recipe.method
+        if method in ("veq-me", "veq"):
+            if m is not None and m.tokens is not None:
+                return float(plan.importance[m.expert])
+            w = p if p is not None else torch.ones(kinds.shape[0], device=kinds.device)
+            text = kinds != TokenKind.VISION
+            return float(self.gamma * w[text].sum() + self.beta * w[~text].sum())
+        if c is not None:
+            return float(c.sum())
+        return float(kinds.shape[0])
+
+    def _layer_of(self, plan: _MoEPlan) -> nn.Module:
+        return decoder_layers(self.model, self.arch)[plan.layer]
+
+    def _quantize_moe(self, plan: _MoEPlan, prefix: str) -> None:
+        moe = plan.moe
+        s1 = plan.scale
+        for m in plan.members:
+            x, kinds, p = self._member_tokens(plan, m)
+            if s1 is not None:
+                x = x / s1
+            cfg = self.recipe.quant_config(plan.bits[m.expert])
+            ew = moe.expert(m.expert)
+            gate_up_st = self._stats_for(x, kinds, p, plan.layer)
+            qg = self._solve(ew.gate, gate_up_st, None, cfg)
+            qu = self._solve(ew.up, gate_up_st, None, cfg)
+            # down's inputs through the (folded, still full-precision) gate/up of this expert.
+            h = F.silu(x.float() @ ew.gate.float().T) * (x.float() @ ew.up.float().T)
+            qd = self._solve(ew.down, self._stats_for(h, kinds, p, plan.layer), None, cfg)
+            moe.set_expert(
+                m.expert,
+                qg.dequantize(ew.gate.dtype),
+                qu.dequantize(ew.up.dtype),
+                qd.dequantize(ew.down.dtype),
+            )
+            names = moe.expert_names(prefix, m.expert)
+            for name, qw in zip(names, (qg, qu, qd), strict=True):
+                self._record(name, qw)
+        if moe.shared is not None:
+            x = plan.x / s1 if s1 is not None else plan.x
+            st = self._stats_for(x, plan.kinds, None, plan.layer)
+            base = f"{prefix}.{self.arch.moe.block}.{self.arch.moe.shared}"
+            for name in ("gate_proj", "up_proj"):
+                module = getattr(moe.shared, name)
+                qw = self._solve(module.weight, st, None, self.recipe.quant_config())
+                module.weight.copy_(qw.dequantize(module.weight.dtype))
+                self._record(f"{base}.{name}", qw)
+
+    def _stats_for(
+        self, x: Tensor, kinds: Tensor, p: Tensor | None, layer: int
+    ) -> _GroupStats | None:
+        """Statistics of already-collected inputs `x: [T, K]` (experts, shared experts)."""
+        method = self.recipe.method
+        if method == "rtn":
+            return None
+        st = _GroupStats(
+            x.shape[1],
+            method in HESSIAN_METHODS,
+            method in SCALE_METHODS,
+            self.recipe.max_search_tokens,
+            self.device,
+        )
+        st.add(
+            x.float(),
+            self._hessian_weights(kinds, p),
+            self._search_weights(kinds, layer, p),
+            self.recipe.max_search_tokens,
+        )
+        return st
+
+
+@dataclass
+class _Member:
+    """One expert's calibration tokens: routed indices, or None with all-token weights."""
+
+    expert: int
+    tokens: Tensor | None
+    weights: Tensor | None
+    routed: int
+
+
+@dataclass
+class _MoEPlan:
+    layer: int
+    moe: MoEView
+    x: Tensor
+    kinds: Tensor
+    probs: Tensor
+    members: list[_Member]
+    importance: Tensor
+    bits: list[int]
+    scale: Tensor | None = None
+
+
+def uses_modality(recipe: Recipe) -> bool:
+    return recipe.method in MODALITY_METHODS or recipe.mixed_precision is not None

@@ -1,0 +1,117 @@
+"""A quantization recipe: which method, at which precision, with which calibration knobs.
+
+Owns the user-facing choices of `veq quantize` / `veq.quantize` and their validation; the
+recipe's JSON (with the calibration fingerprint) keys the cache. `QuantConfig` describes one
+weight; a recipe describes a whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from veq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig
+
+Method = Literal["rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq"]
+METHODS: tuple[str, ...] = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq")
+
+#: Methods that search AWQ scales (and fold them into the previous operation).
+SCALE_METHODS = frozenset({"awq", "mbq", "veq-me", "veq"})
+#: Methods that run GPTQ (plain or on VEQ-MA's weighted Hessian).
+HESSIAN_METHODS = frozenset({"gptq", "veq-ma", "veq"})
+#: Methods whose token weights depend on modality (and so on γ).
+MODALITY_METHODS = frozenset({"mbq", "veq-me", "veq-ma", "veq"})
+
+
+class Recipe(BaseModel):
+    """Everything that decides the quantized weights, given a model and calibration data."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Method = Field("veq", description="Quantization method.")
+    bits: int = Field(4, description="Weight bits (2, 3, 4, 8) of every quantized linear.")
+    group_size: int | None = Field(128, description="32, 64, 128, or None for per-channel.")
+    symmetric: bool = Field(False, description="Symmetric codes (no zero points).")
+    mixed_precision: float | None = Field(
+        None,
+        description="Average expert bits; hot experts (by importance S_i) get more. "
+        "Attention, dense and shared-expert linears keep `bits`.",
+    )
+    gamma: float | Literal["auto"] = Field(
+        "auto", description="Text/vision sensitivity ratio γ, or 'auto' to measure it."
+    )
+    gamma_fallback: float = Field(
+        20.0, gt=0, description="γ used when 'auto' cannot run a backward pass on this machine."
+    )
+    lam: float = Field(1.0, ge=0, description="VEQ-MA's exponent λ on router probabilities.")
+    act_order: bool = Field(False, description="GPTQ column order by Hessian diagonal.")
+    damp: float = Field(0.01, gt=0, description="GPTQ relative damping.")
+    min_expert_tokens: int = Field(
+        16, ge=1, description="Experts routed fewer calibration tokens use the all-token fallback."
+    )
+    awq_grid: int = Field(20, ge=2, description="Candidate exponents of the AWQ scale search.")
+    clip: bool = Field(True, description="AWQ-family per-group clip search.")
+    max_search_tokens: int = Field(
+        2048, ge=64, description="Tokens per linear kept for AWQ-family losses."
+    )
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES} or None")
+        return v
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma(cls, v: float | str) -> float | str:
+        if v != "auto" and (not math.isfinite(float(v)) or float(v) <= 0):
+            raise ValueError(f"gamma must be 'auto' or a positive number, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _mixed(self) -> Recipe:
+        if self.mixed_precision is not None and not 2.0 <= self.mixed_precision <= 8.0:
+            raise ValueError(f"mixed_precision must be in [2, 8], got {self.mixed_precision}")
+        return self
+
+    def quant_config(self, bits: int | None = None) -> QuantConfig:
+        return QuantConfig(
+            bits=self.bits if bits is None else bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+        )
+
+    @property
+    def label(self) -> str:
+        """Short human name, e.g. `veq-ma-w3g128` or `veq-mp2.5g128`."""
+        g = f"g{self.group_size}" if self.group_size else "gch"
+        bits = f"mp{self.mixed_precision:g}" if self.mixed_precision else f"w{self.bits}"
+        return f"{self.method}-{bits}{g}"
+
+
+def allocate_expert_bits(importance: list[float], average: float) -> list[int]:
+    """Expert-importance mixed precision under an average-bit budget.
+
+    Rule: the budget is bracketed by two widths, (2, 4) for averages up to 4 and (4, 8) above;
+    the `round(E·(avg − lo)/(hi − lo))` most important experts get `hi`, the rest `lo`, so the
+    mean over experts equals the budget up to rounding (hot experts 4-bit, cold 2-bit, mean 3).
+    Ties are broken by expert index (lower first).
+    """
+    e = len(importance)
+    lo, hi = (2, 4) if average <= 4 else (4, 8)
+    n_hi = round(e * (average - lo) / (hi - lo))
+    order = sorted(range(e), key=lambda i: (-importance[i], i))
+    bits = [lo] * e
+    for i in order[:n_hi]:
+        bits[i] = hi
+    return bits
