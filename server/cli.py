@@ -53,6 +53,73 @@ def _not_yet(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _gamma(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise CLIError(f"--gamma must be 'auto' or a number, got {text!r}") from None
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import logging
+
+    from pydantic import ValidationError
+
+    from veq.api import quantize
+    from veq.calib.data import CalibrationError
+    from veq.checkpoint import CheckpointError
+    from veq.models import UnsupportedModelError
+
+    if args.model == "mini":
+        raise CLIError("the bundled reference model 'mini' is not yet available (issue 4)")
+    if args.bits == 16:
+        raise CLIError("--bits 16 means no quantization; choose 2, 3, 4 or 8")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = quantize(
+            args.model,
+            method=args.method,
+            bits=args.bits,
+            group_size=args.group_size,
+            calib=args.calib,
+            samples=args.samples,
+            seed=args.seed,
+            gamma=_gamma(args.gamma),
+            mixed_precision=args.mixed_precision,
+            act_order=args.act_order,
+            out=args.out,
+            cache_dir=args.cache_dir,
+            device=args.device,
+            progress=not args.quiet,
+        )
+    except ValidationError as exc:
+        raise CLIError("; ".join(e["msg"] for e in exc.errors())) from None
+    except (UnsupportedModelError, CalibrationError, CheckpointError, ValueError, OSError) as exc:
+        raise CLIError(str(exc).splitlines()[0]) from None
+    print(result.summary())
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from veq.checkpoint import atomic_directory, verify
+
+    src, out = Path(args.model), Path(args.out)
+    if not src.is_dir() or not verify(src):
+        raise CLIError(f"{args.model} is not a complete veq checkpoint (manifest check failed)")
+    if out.exists() and any(out.iterdir()):
+        raise CLIError(f"{args.out} exists and is not empty")
+    # Our checkpoints *are* compressed-tensors directories: export is a verified copy.
+    with atomic_directory(out) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    print(f"wrote {out} (compressed-tensors pack-quantized)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="veq",
@@ -65,16 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="calibrate and quantize a model, write a checkpoint")
     _add_recipe(p, "weight bits")
     p.add_argument("--samples", type=int, default=128, help="calibration samples")
+    p.add_argument("--seed", type=int, default=0, help="calibration sample order")
     p.add_argument("--gamma", default="auto", help="text/vision sensitivity: 'auto' or a number")
+    p.add_argument(
+        "--mixed-precision",
+        type=float,
+        metavar="AVG_BITS",
+        help="expert-importance bit allocation with this average over experts (e.g. 3 or 2.5)",
+    )
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
     p.add_argument("--out", help="output directory (default: the cache)")
+    p.add_argument("--cache-dir", help="cache directory (default: $VEQ_CACHE_DIR or ~/.cache/veq)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="calibration device (default: auto)")
-    p.set_defaults(run=_not_yet("quantize", 3))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_quantize)
 
-    p = sub.add_parser("export", help="write a cached checkpoint in a serving format")
-    p.add_argument("--model", required=True, help="quantized checkpoint directory")
+    p = sub.add_parser("export", help="copy a quantized checkpoint out in a serving format")
+    p.add_argument("--model", required=True, help="quantized checkpoint directory (or cache entry)")
     p.add_argument("--format", choices=("compressed-tensors",), default="compressed-tensors")
     p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(run=_not_yet("export", 3))
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("eval", help="quality table of methods × bits on the reference model")
     p.add_argument("--model", default="mini")

@@ -7,12 +7,18 @@ import os
 import pytest
 import torch
 
+# veq.testing imports no kernel module, so it may come before the interpreter switch.
+from veq.testing import correlated_inputs, random_weight
+
 # Without a GPU, Triton kernels run under the interpreter. It must be switched on before any
 # @triton.jit function is decorated, i.e. before a kernel module is imported: conftest runs first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from veq.testing import correlated_inputs, random_weight
+# Tests run tiny tensors: a second intra-op thread buys nothing there, and on a shared 2-core
+# machine spinning OpenMP workers slow small ops down by up to 100x.
+torch.set_num_threads(1)
+
 
 
 @pytest.fixture

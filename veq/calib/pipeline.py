@@ -533,6 +533,8 @@ class Calibrator:
                 ew = layer.expert(m.expert)
                 h = F.silu(x[idx].float() @ ew.gate.float().T) * (x[idx].float() @ ew.up.float().T)
                 c = self._search_weights(kinds[idx], plan.layer, p[idx] if p is not None else None)
+                if c is not None and float(c.sum()) <= 0:
+                    continue  # no token this method counts (MBQ: prompt-only expert)
                 s2, _ = awq_scales([ew.down], h, cfg, token_weights=c, grid=self.recipe.awq_grid)
                 ew.up.div_(s2.unsqueeze(1).to(ew.up.dtype))
                 ew.down.mul_(s2.to(ew.down.dtype))

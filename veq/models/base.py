@@ -72,11 +72,12 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
     """`root.a.b.0.c` for path "a.b.0.c"; raises a clear error naming the missing part."""
     module = root
     for part in path.split("."):
-        if not hasattr(module, part):
+        child = getattr(module, part, None)
+        if child is None:  # absent, or declared None (DeepSeek's q_a_proj without q_lora_rank)
             raise AttributeError(
                 f"{type(root).__name__} has no submodule {path!r} (missing {part!r})"
             )
-        module = getattr(module, part)
+        module = child
     return module
 
 

@@ -1,0 +1,129 @@
+"""End to end on tiny models of every layout: calibrate, save, reload, compare."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import (
+    CompressedTensorsDequantizer,
+)
+
+from veq.calib.pipeline import Calibrator
+from veq.checkpoint import load_checkpoint, read_tensors, save_checkpoint
+from veq.recipe import METHODS, Recipe
+from veq.tokens import TokenKind
+
+LAYOUTS = ["qwen3_vl_moe", "kimi_vl", "kimi_k25"]
+
+
+def calibrate(model, samples, method, bits, **recipe):
+    recipe = Recipe(method=method, bits=bits, group_size=32, gamma=10.0, **recipe)
+    return Calibrator(
+        model, samples, recipe, gamma=10.0, gamma_source="given", progress=False
+    ).run()
+
+
+def logits(model, samples):
+    with torch.no_grad():
+        return [model(**s.inputs, use_cache=False).logits.float() for s in samples]
+
+
+def answer_kl(ref, other, samples):
+    """Mean KL(ref ‖ other) over the positions that predict answer tokens."""
+    total, count = 0.0, 0
+    for r, o, s in zip(ref, other, samples, strict=True):
+        pos = (s.kinds[1:] == TokenKind.ANSWER).nonzero().squeeze(1)
+        lr, lo = r[0, pos].log_softmax(-1), o[0, pos].log_softmax(-1)
+        total += float((lr.exp() * (lr - lo)).sum())
+        count += pos.numel()
+    return total / count
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_quantize_save_reload(layout, method, bits, tiny_model, calib, processor, tmp_path):
+    model = tiny_model(layout)
+    samples = calib(layout)
+    result = calibrate(model, samples, method, bits)
+    assert result.weights, "nothing was quantized"
+    assert set(result.report.bits.values()) == {bits}
+    out = save_checkpoint(model, result, tmp_path / "ckpt", processor=processor)
+    reloaded = load_checkpoint(out)
+    for a, b in zip(logits(model, samples), logits(reloaded, samples), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gptq_closer_to_16bit_than_rtn(layout, tiny_model, calib):
+    held_out = calib(layout, n=4, seed=123)
+    ref = logits(tiny_model(layout), held_out)
+    kl = {}
+    for method in ("rtn", "gptq", "veq"):
+        model = tiny_model(layout)
+        calibrate(model, calib(layout, n=6), method, 3)
+        kl[method] = answer_kl(ref, logits(model, held_out), held_out)
+    assert kl["gptq"] < kl["rtn"], kl
+    assert kl["veq"] < kl["rtn"], kl
+
+
+@pytest.mark.parametrize("layout", ["kimi_vl", "kimi_k25"])
+def test_expert_without_tokens_is_quantized_and_reported(layout, tiny_model, calib, tmp_path):
+    model = tiny_model(layout)
+    layer = (
+        model.language_model.model.layers[1]
+        if layout == "kimi_vl"
+        else model.model.language_model.layers[1]
+    )
+    with torch.no_grad():
+        layer.mlp.gate.e_score_correction_bias[5] = -1e4  # expert 5 is never chosen
+    result = calibrate(model, calib(layout), "veq", 4)
+    fallback = {(f["layer"], f["expert"]): f["tokens"] for f in result.report.fallback_experts}
+    assert fallback.get((1, 5)) == 0
+    names = [n for n in result.weights if ".experts.5." in n]
+    assert len(names) == 3
+    for n in names:
+        w = result.weights[n].dequantize()
+        assert torch.isfinite(w).all() and w.abs().sum() > 0
+    assert "L1E5(0)" in result.report.summary()
+
+
+def test_mixed_precision_allocates_by_importance(tiny_model, calib, tmp_path, processor):
+    model = tiny_model("qwen3_vl_moe")
+    result = calibrate(model, calib("qwen3_vl_moe"), "veq", 4, mixed_precision=3.0)
+    expert_bits = [b for n, b in result.report.bits.items() if ".experts." in n]
+    assert sorted(set(expert_bits)) == [2, 4]
+    assert sum(expert_bits) / len(expert_bits) == pytest.approx(3.0)
+    attn = [b for n, b in result.report.bits.items() if "self_attn" in n]
+    assert set(attn) == {4}
+    out = save_checkpoint(model, result, tmp_path / "mp", processor=processor)
+    samples = calib("qwen3_vl_moe")
+    for a, b in zip(logits(model, samples), logits(load_checkpoint(out), samples), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["qwen3_vl_moe", "kimi_vl"])
+def test_compressed_tensors_decompresses_to_our_weights(layout, tiny_model, calib, tmp_path):
+    model = tiny_model(layout)
+    result = calibrate(model, calib(layout), "gptq", 3)
+    out = save_checkpoint(model, result, tmp_path / "ckpt")
+    dense = CompressedTensorsDequantizer(str(out), dtype=torch.float16).validate(read_tensors(out))
+    for name, qw in result.weights.items():
+        assert torch.equal(dense[f"{name}.weight"], qw.dequantize(torch.float16)), name
+
+
+def test_kernel_path_matches_reference_path(tiny_model, calib, tmp_path, monkeypatch):
+    """The reloaded model through the Triton kernels (the interpreter on CPU) equals the torch
+    reference path; fp16 activations, as the kernels run on a GPU."""
+    model = tiny_model("qwen3_vl_moe")
+    samples = calib("qwen3_vl_moe", n=2)
+    result = calibrate(model, samples, "gptq", 4)
+    out = save_checkpoint(model, result, tmp_path / "ckpt")
+    reloaded = load_checkpoint(out, dtype=torch.float16)
+    monkeypatch.setenv("VEQ_KERNELS", "reference")
+    ref = logits(reloaded, samples[:1])[0]
+    monkeypatch.setenv("VEQ_KERNELS", "triton")
+    tri = logits(reloaded, samples[:1])[0]
+    assert torch.isfinite(tri).all()
+    torch.testing.assert_close(tri, ref, rtol=2e-2, atol=2e-2)
+    assert (tri.argmax(-1) == ref.argmax(-1)).float().mean() > 0.97

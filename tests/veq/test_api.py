@@ -1,0 +1,190 @@
+"""`veq.quantize` / `veq.load` and the `veq quantize` command on a model directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import veq
+from veq.checkpoint import MANIFEST, atomic_directory, verify
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory, tiny_model, processor):
+    path = tmp_path_factory.mktemp("models") / "tiny-qwen3-vl-moe"
+    tiny_model("qwen3_vl_moe").save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+def test_quantize_caches_and_loads(qwen_dir, tmp_path, calib):
+    cache = tmp_path / "cache"
+    first = veq.quantize(
+        qwen_dir,
+        method="gptq",
+        bits=4,
+        samples=3,
+        gamma=10.0,
+        cache_dir=cache,
+        group_size=32,
+        progress=False,
+        device="cpu",
+    )
+    assert not first.cached and verify(first.path)
+    assert first.path.parent == cache and "gptq-w4g32" in first.path.name
+    again = veq.quantize(
+        qwen_dir,
+        method="gptq",
+        bits=4,
+        samples=3,
+        gamma=10.0,
+        cache_dir=cache,
+        group_size=32,
+        progress=False,
+        device="cpu",
+    )
+    assert again.cached and again.path == first.path
+    other = veq.quantize(
+        qwen_dir,
+        method="rtn",
+        bits=4,
+        samples=3,
+        gamma=10.0,
+        cache_dir=cache,
+        group_size=32,
+        progress=False,
+        device="cpu",
+    )
+    assert other.path != first.path
+    model, processor = veq.load(first.path, device="cpu")
+    assert type(model.model.language_model.layers[0].mlp.experts).__name__ == "QuantMoEExperts"
+    sample = calib("qwen3_vl_moe")[0]
+    with torch.no_grad():
+        assert torch.isfinite(model(**sample.inputs).logits).all()
+    config = json.loads((first.path / "config.json").read_text())
+    assert config["quantization_config"]["veq"]["method"] == "gptq"
+
+
+def test_truncated_shard_is_detected_and_rebuilt(qwen_dir, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    kw = dict(
+        method="rtn",
+        bits=3,
+        samples=2,
+        gamma=10.0,
+        cache_dir=cache,
+        group_size=32,
+        progress=False,
+        device="cpu",
+    )
+    first = veq.quantize(qwen_dir, **kw)
+    shard = first.path / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert not verify(first.path)
+    with pytest.raises(ValueError, match="incomplete or corrupt"):
+        veq.load(first.path)
+    rebuilt = veq.quantize(qwen_dir, **kw)
+    assert not rebuilt.cached and rebuilt.path == first.path and verify(rebuilt.path)
+    assert "rebuilding" in caplog.text
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    final = tmp_path / "entry"
+    with pytest.raises(KeyboardInterrupt), atomic_directory(final) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+    assert _entries(tmp_path) == []
+
+
+def _veq_cli(*args: str, **kw) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("veq")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw
+    )
+
+
+@pytest.mark.e2e
+def test_cli_quantize_summary_and_export(qwen_dir, tmp_path):
+    cache = tmp_path / "cache"
+    proc = _veq_cli(
+        "quantize",
+        "--model",
+        str(qwen_dir),
+        "--method",
+        "veq-ma",
+        "--bits",
+        "3",
+        "--samples",
+        "3",
+        "--gamma",
+        "8",
+        "--group-size",
+        "32",
+        "--cache-dir",
+        str(cache),
+        "--quiet",
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "modules by bits" in out and "×W3" in out and "gamma 8" in out
+    (entry,) = _entries(cache)
+    proc = _veq_cli("export", "--model", str(cache / entry), "--out", str(tmp_path / "exported"))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert verify(tmp_path / "exported") and (tmp_path / "exported" / MANIFEST).exists()
+
+
+@pytest.mark.e2e
+def test_cli_bad_input_is_one_line(tmp_path):
+    proc = _veq_cli("quantize", "--model", str(tmp_path / "nope"), "--bits", "4")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().count("\n") == 0 and err.startswith("veq: error:")
+
+
+@pytest.mark.e2e
+def test_sigint_mid_run_leaves_no_cache_entry(qwen_dir, tmp_path):
+    cache = tmp_path / "cache"
+    proc = _veq_cli(
+        "quantize",
+        "--model",
+        str(qwen_dir),
+        "--method",
+        "awq",
+        "--bits",
+        "4",
+        "--samples",
+        "48",
+        "--gamma",
+        "8",
+        "--group-size",
+        "32",
+        "--cache-dir",
+        str(cache),
+    )
+    deadline = time.time() + 240
+    seen = ""
+    while time.time() < deadline:  # wait until calibration is under way (progress bar)
+        line = proc.stderr.readline()
+        seen += line
+        if "quantize awq" in line or "layer" in line:
+            break
+    assert "quantize awq" in seen or "layer" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert [e for e in _entries(cache) if not e.startswith(".")] == []
+    assert _entries(cache) == []  # and no temporary directory either

@@ -1,0 +1,211 @@
+"""The Python API: `veq.quantize(...)` and `veq.load(...)`. The CLI is a thin layer over it.
+
+Owns resolving a model (path, Hugging Face id, or an in-memory module with its processor), the
+calibration set, the cache key (model fingerprint + recipe + calibration fingerprint), and the
+order of work: cache hit → done; else γ → calibrate → save atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from veq.calib.data import conversations, encode_conversation, fingerprint
+from veq.calib.gamma import resolve_gamma
+from veq.calib.pipeline import Calibrator, QuantReport
+from veq.checkpoint import REPORT, load_checkpoint, save_checkpoint, verify
+from veq.models import get_architecture, image_token_id
+from veq.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "VEQ_CACHE_DIR"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """`cache_dir`, else `$VEQ_CACHE_DIR`, else `~/.cache/veq`."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "veq")
+
+
+def model_fingerprint(model: nn.Module | str | Path) -> str:
+    """Cheap identity of a model: its config, and per tensor name, shape, dtype and sum (in
+    memory) or per weight file name, size and head/tail bytes (on disk)."""
+    h = hashlib.sha256()
+    if isinstance(model, nn.Module):
+        h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+        for name, t in model.state_dict().items():
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}{float(t.float().sum()):.6e}".encode())
+        return h.hexdigest()[:16]
+    path = Path(model)
+    h.update((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Quantized:
+    """Where the checkpoint is and what made it."""
+
+    path: Path
+    report: dict[str, Any]
+    cached: bool
+
+    def summary(self) -> str:
+        r = QuantReport(
+            **{k: v for k, v in self.report.items() if k in QuantReport.__dataclass_fields__}
+        )
+        head = f"checkpoint: {self.path}" + (" (from cache)" if self.cached else "")
+        return head + "\n" + r.summary()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available")
+    return device
+
+
+def load_processor(path: str | Path) -> Any:
+    """The model's processor; Qwen3-VL processors load without torchvision through veq's
+    image-only subclass."""
+    from transformers import AutoProcessor
+
+    from veq.models.processor import ImageOnlyQwen3VLProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(path))
+    except (ImportError, ValueError, OSError, TypeError, AttributeError):
+        return ImageOnlyQwen3VLProcessor.from_pretrained(str(path))
+
+
+def load_model(path: str | Path, device: torch.device) -> nn.Module:
+    """A full-precision Hugging Face model (fp32 on CPU, its own dtype on GPU), on CPU."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    dtype = torch.float32 if device.type == "cpu" else "auto"
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        try:
+            return auto.from_pretrained(str(path), dtype=dtype).eval()
+        except ValueError:
+            continue
+    raise ValueError(f"{path} is not a model transformers can load")
+
+
+def quantize(
+    model: nn.Module | str | Path,
+    *,
+    processor: Any | None = None,
+    method: str = "veq",
+    bits: int = 4,
+    group_size: int | None = 128,
+    calib: str = "builtin",
+    samples: int = 128,
+    seed: int = 0,
+    gamma: float | str = "auto",
+    mixed_precision: float | None = None,
+    out: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **recipe_options: Any,
+) -> Quantized:
+    """Quantize `model` (directory, HF id, or module + `processor`) and write its checkpoint.
+
+    With `out=None` the checkpoint goes to the cache (`cache_root()`), keyed by model, recipe and
+    calibration set; a verified cache entry is returned without recomputation.
+    """
+    recipe = Recipe(
+        method=method,
+        bits=bits,
+        group_size=group_size,
+        gamma=gamma,
+        mixed_precision=mixed_precision,
+        **recipe_options,
+    )
+    dev = resolve_device(device)
+    if isinstance(model, nn.Module):
+        if processor is None:
+            raise ValueError("quantizing an in-memory model needs its processor")
+        source = model
+        model_name = getattr(model.config, "_name_or_path", "") or model.config.model_type
+    else:
+        path = Path(model)
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(model)))
+        processor = processor or load_processor(path)
+        source = load_model(path, dev)
+        model_name = path.name
+    arch = get_architecture(source)
+    token = image_token_id(source, arch)
+    convs = conversations(calib, samples, seed)
+    calib_samples = [
+        encode_conversation(processor, c, token if token is not None else -1) for c in convs
+    ]
+    calib_fp = fingerprint(calib_samples)
+    key = hashlib.sha256(
+        (model_fingerprint(source) + recipe.model_dump_json() + calib_fp).encode()
+    ).hexdigest()[:16]
+    target = (
+        Path(out)
+        if out is not None
+        else cache_root(cache_dir) / f"{_slug(model_name)}-{recipe.label}-{key}"
+    )
+    if target.exists():
+        if verify(target):
+            log.info("using cached checkpoint %s", target)
+            return Quantized(target, json.loads((target / REPORT).read_text()), cached=True)
+        log.warning("cache entry %s is incomplete or corrupt; rebuilding it", target.name)
+
+    g, g_source, ratios, detail = resolve_gamma(
+        source, calib_samples, recipe.gamma, recipe.gamma_fallback, dev
+    )
+    calibrator = Calibrator(
+        source,
+        calib_samples,
+        recipe,
+        gamma=g,
+        gamma_source=g_source,
+        vision_ratios=ratios,
+        device=dev,
+        progress=progress,
+    )
+    calibrator.report.gamma_detail = detail
+    result = calibrator.run()
+    save_checkpoint(source, result, target, processor=processor, calib_fingerprint=calib_fp)
+    return Quantized(target, json.loads((target / REPORT).read_text()), cached=False)
+
+
+def load(
+    path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, Any]:
+    """A ready quantized model (quantized modules in place) and its processor."""
+    dev = resolve_device(device)
+    model = load_checkpoint(path, device=dev, dtype=dtype)
+    return model, load_processor(path)
+
+
+def _slug(name: str) -> str:
+    return (
+        "".join(c if c.isalnum() or c in "-_." else "-" for c in name.split("/")[-1])[:48]
+        or "model"
+    )
