@@ -20,7 +20,6 @@ if not torch.cuda.is_available():
 torch.set_num_threads(1)
 
 
-
 @pytest.fixture
 def make_inputs():
     return correlated_inputs

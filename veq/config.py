@@ -7,10 +7,10 @@ says nothing about *which* modules are quantized or with which method: that is a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
@@ -18,13 +18,32 @@ SUPPORTED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 _SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def check_bits(v: int) -> int:
+    if v not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {v}")
+    return v
+
+
+def check_group_size(v: int | None) -> int | None:
+    if v is not None and v not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(
+            f"group_size must be one of {SUPPORTED_GROUP_SIZES} or None (per-channel), got {v}"
+        )
+    return v
+
+
+#: Validated field types shared by every settings object that names bits or a group size.
+Bits = Annotated[int, AfterValidator(check_bits)]
+GroupSize = Annotated[int | None, AfterValidator(check_group_size)]
+
+
 class QuantConfig(BaseModel):
     """How one weight matrix `[N, K]` is quantized: groups of `group_size` along K."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    bits: int = Field(4, description="Bits per weight code: one of 2, 3, 4, 8.")
-    group_size: int | None = Field(
+    bits: Bits = Field(4, description="Bits per weight code: one of 2, 3, 4, 8.")
+    group_size: GroupSize = Field(
         128, description="Input features per scale: 32, 64 or 128; None means one per row."
     )
     symmetric: bool = Field(
@@ -34,21 +53,6 @@ class QuantConfig(BaseModel):
         "float16", description="Storage dtype of scales; codes are computed against it."
     )
 
-    @field_validator("bits")
-    @classmethod
-    def _check_bits(cls, v: int) -> int:
-        if v not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {v}")
-        return v
-
-    @field_validator("group_size")
-    @classmethod
-    def _check_group(cls, v: int | None) -> int | None:
-        if v is not None and v not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(
-                f"group_size must be one of {SUPPORTED_GROUP_SIZES} or None (per-channel), got {v}"
-            )
-        return v
 
     @property
     def qmin(self) -> int:

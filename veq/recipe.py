@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from veq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig
+from veq.config import Bits, GroupSize, QuantConfig
 
 Method = Literal["rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq"]
 METHODS: tuple[str, ...] = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq")
@@ -31,8 +31,8 @@ class Recipe(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     method: Method = Field("veq", description="Quantization method.")
-    bits: int = Field(4, description="Weight bits (2, 3, 4, 8) of every quantized linear.")
-    group_size: int | None = Field(128, description="32, 64, 128, or None for per-channel.")
+    bits: Bits = Field(4, description="Weight bits (2, 3, 4, 8) of every quantized linear.")
+    group_size: GroupSize = Field(128, description="32, 64, 128, or None for per-channel.")
     symmetric: bool = Field(False, description="Symmetric codes (no zero points).")
     mixed_precision: float | None = Field(
         None,
@@ -57,19 +57,6 @@ class Recipe(BaseModel):
         2048, ge=64, description="Tokens per linear kept for AWQ-family losses."
     )
 
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {v}")
-        return v
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int | None) -> int | None:
-        if v is not None and v not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES} or None")
-        return v
 
     @field_validator("gamma")
     @classmethod

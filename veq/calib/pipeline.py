@@ -301,19 +301,21 @@ class Calibrator:
         return QuantResult(self.weights, self.report)
 
     def _capture(self, layers: nn.ModuleList) -> _Capture:
+        """Layer-0 inputs: everything but the decoder layers visits the device for it."""
         text = get_module(self.model, self.arch.text_model)
-        # Everything but the decoder layers goes to the device for the capture forward.
-        saved, text.layers = text.layers, nn.ModuleList()
-        homes = {n: p.device for n, p in self.model.named_parameters()}
-        self.model.to(self.device)
-        text.layers = saved
+        home = next(self.model.parameters()).device
+
+        def move(device: torch.device) -> None:
+            saved, text.layers = text.layers, nn.ModuleList()
+            self.model.to(device)
+            text.layers = saved
+
+        move(self.device)
         try:
             return capture_inputs(self.model, self.arch, self.samples, self.device)
         finally:
-            if self.device.type != "cpu":
-                for name, param in self.model.named_parameters():
-                    if homes.get(name, param.device) != param.device and "layers" not in name:
-                        param.data = param.data.to(homes[name])
+            if home != self.device:
+                move(home)
 
     @torch.no_grad()
     def _run_layer(self, layer: nn.Module, cap: _Capture, s: int) -> Tensor:

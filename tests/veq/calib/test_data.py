@@ -1,0 +1,103 @@
+"""Calibration sources and token kinds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from veq.calib.data import (
+    CalibrationError,
+    builtin_conversations,
+    conversations,
+    encode_conversation,
+    fingerprint,
+    load_jsonl,
+)
+from veq.tokens import TokenKind
+
+
+def _image_id(processor) -> int:
+    return processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+
+def test_builtin_set_is_offline_deterministic_and_mixed():
+    a = builtin_conversations(8, seed=3)
+    b = builtin_conversations(8, seed=3)
+    assert [c.messages for c in a] == [c.messages for c in b]
+    with_images = [c for c in a if c.images]
+    assert with_images and len(with_images) < len(a)  # photos and text-only turns
+    assert all(img.mode == "RGB" and max(img.size) <= 224 for c in with_images for img in c.images)
+
+
+def test_token_kinds_mark_answers_and_image_tokens(processor):
+    conv = builtin_conversations(1, seed=0)[0]
+    sample = encode_conversation(processor, conv, _image_id(processor))
+    ids = sample.inputs["input_ids"][0]
+    kinds = sample.kinds
+    assert kinds.shape == ids.shape
+    assert int((kinds == TokenKind.VISION).sum()) == int((ids == _image_id(processor)).sum()) > 0
+    answer_text = processor.tokenizer.decode(ids[kinds == TokenKind.ANSWER])
+    for message in conv.messages:
+        if message["role"] == "assistant":
+            assert message["content"] in answer_text
+    prompt_text = processor.tokenizer.decode(ids[kinds == TokenKind.PROMPT])
+    assert "Describe the image." in prompt_text and "assistant" in prompt_text
+
+
+def test_jsonl_messages_and_llava(tmp_path, processor):
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    rows = [
+        {
+            "image": "a.png",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "x"}},
+                        {"type": "text", "text": "What is it?"},
+                    ],
+                },
+                {"role": "assistant", "content": "A grey square."},
+            ],
+        },
+        {
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe it."},
+                {"from": "gpt", "value": "Grey."},
+            ],
+        },
+    ]
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    convs = load_jsonl(path)
+    assert len(convs) == 2 and all(len(c.images) == 1 for c in convs)
+    samples = [encode_conversation(processor, c, _image_id(processor)) for c in convs]
+    assert all((s.kinds == TokenKind.ANSWER).any() for s in samples)
+    assert fingerprint(samples) == fingerprint(samples) != fingerprint(samples[:1])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "invalid JSON"),
+        ('{"image": "missing.png", "messages": []}', "cannot read calibration image"),
+        ('{"messages": [{"role": "user", "content": [{"type": "image"}]}]}', r"0 image\(s\) but 1"),
+        ('{"foo": 1}', "needs 'messages' or 'conversations'"),
+    ],
+)
+def test_jsonl_errors_are_clear(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content + "\n")
+    with pytest.raises(CalibrationError, match=message):
+        load_jsonl(path)
+
+
+def test_spec_errors(tmp_path):
+    with pytest.raises(CalibrationError, match="does not exist"):
+        conversations(str(tmp_path / "nope.jsonl"), 4)
+    with pytest.raises(CalibrationError, match="at least one"):
+        conversations("builtin", 0)
