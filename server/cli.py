@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from server.settings import add_serve_arguments
 from veq import __version__
 from veq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
@@ -72,8 +73,6 @@ def _quantize(args: argparse.Namespace) -> int:
     from veq.checkpoint import CheckpointError
     from veq.models import UnsupportedModelError
 
-    if args.model == "mini":
-        raise CLIError("the bundled reference model 'mini' is not yet available (issue 4)")
     if args.bits == 16:
         raise CLIError("--bits 16 means no quantization; choose 2, 3, 4 or 8")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -117,6 +116,34 @@ def _export(args: argparse.Namespace) -> int:
     with atomic_directory(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
     print(f"wrote {out} (compressed-tensors pack-quantized)")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from server.app import build_app
+    from server.settings import ServeSettings, SettingsError
+
+    try:
+        settings = ServeSettings.from_cli(args)
+    except SettingsError as exc:
+        raise CLIError(str(exc).replace("\n", "; ")) from None
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = build_app(settings)
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown; the app's lifespan then drains
+    # running requests for up to drain_timeout_s before the engine stops.
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+    )
     return 0
 
 
@@ -164,11 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the bundled models")
     p.set_defaults(run=_not_yet("models", 4))
 
-    p = sub.add_parser("serve", help="quantize (or load from cache) and serve over HTTP")
-    _add_recipe(p, "weight bits; 16 serves the unquantized model")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.set_defaults(run=_not_yet("serve", 6))
+    p = sub.add_parser(
+        "serve",
+        help="quantize (or load from cache) and serve over an OpenAI-compatible HTTP API",
+        description="Every flag can also be set by its VEQ_* environment variable; flags win.",
+    )
+    add_serve_arguments(p)
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("bench", help="load-test a running server and report memory and speed")
     p.add_argument("--url", default="http://127.0.0.1:8000")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,26 @@ from veq.recipe import Recipe
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "VEQ_CACHE_DIR"
+
+#: Models shipped inside the package, by the name every command accepts for `--model`.
+BUNDLED: dict[str, Path] = {"mini": Path(__file__).resolve().parent / "reference" / "mini"}
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A bundled name, a local directory, or a Hugging Face id (downloaded only on demand)."""
+    if str(model) in BUNDLED:
+        path = BUNDLED[str(model)]
+        if not (path / "config.json").is_file():
+            raise ValueError(f"the bundled model {model!r} is missing from this installation")
+        return path
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists() or str(model).startswith((".", "/")) or str(model).count("/") != 1:
+        raise ValueError(f"{model} is not a model directory (config.json + weights)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model)))
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -84,16 +105,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_processor(path: str | Path) -> Any:
-    """The model's processor; Qwen3-VL processors load without torchvision through veq's
-    image-only subclass."""
+    """The model's processor. Qwen3-VL processors load without torchvision through veq's
+    image-only subclass (the class our own checkpoints record)."""
     from transformers import AutoProcessor
 
     from veq.models.processor import ImageOnlyQwen3VLProcessor
 
-    try:
-        return AutoProcessor.from_pretrained(str(path))
-    except (ImportError, ValueError, OSError, TypeError, AttributeError):
+    config = Path(path) / "processor_config.json"
+    if config.is_file() and "ImageOnlyQwen3VLProcessor" in config.read_text():
         return ImageOnlyQwen3VLProcessor.from_pretrained(str(path))
+    try:
+        processor = AutoProcessor.from_pretrained(str(path))
+    except (ImportError, ValueError, OSError, TypeError, AttributeError):
+        processor = None
+    if processor is None or not hasattr(processor, "tokenizer"):
+        # AutoProcessor fell back to a bare tokenizer (or failed on the video processor).
+        return ImageOnlyQwen3VLProcessor.from_pretrained(str(path))
+    return processor
 
 
 def load_model(path: str | Path, device: torch.device) -> nn.Module:
@@ -125,6 +153,7 @@ def quantize(
     cache_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    on_layer: Callable[[int, int], None] | None = None,
     **recipe_options: Any,
 ) -> Quantized:
     """Quantize `model` (directory, HF id, or module + `processor`) and write its checkpoint.
@@ -147,11 +176,7 @@ def quantize(
         source = model
         model_name = getattr(model.config, "_name_or_path", "") or model.config.model_type
     else:
-        path = Path(model)
-        if not path.is_dir():
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(str(model)))
+        path = resolve_model(model)
         processor = processor or load_processor(path)
         source = load_model(path, dev)
         model_name = path.name
@@ -188,6 +213,7 @@ def quantize(
         vision_ratios=ratios,
         device=dev,
         progress=progress,
+        on_layer=on_layer,
     )
     calibrator.report.gamma_detail = detail
     result = calibrator.run()

@@ -59,6 +59,6 @@ def test_group_size_parsing():
 
 
 def test_unfinished_subcommand_says_so(capsys):
-    assert main(["serve"]) == 2
+    assert main(["bench"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not yet available" in err

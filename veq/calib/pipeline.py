@@ -226,7 +226,9 @@ class Calibrator:
         vision_ratios: Sequence[float] | None = None,
         device: torch.device | str = "cpu",
         progress: bool = True,
+        on_layer: Callable[[int, int], None] | None = None,
     ) -> None:
+        """`on_layer(done, total)` is called after each decoder layer (job progress)."""
         if not samples:
             raise ValueError("calibration needs at least one sample")
         self.model = model
@@ -236,6 +238,7 @@ class Calibrator:
         self.gamma = float(gamma)
         self.device = torch.device(device)
         self.progress = progress
+        self.on_layer = on_layer
         layers = decoder_layers(model, self.arch)
         self.vision_ratios = (
             list(vision_ratios) if vision_ratios else [1.0 / self.gamma] * len(layers)
@@ -295,6 +298,8 @@ class Calibrator:
                 cap.hidden = self._propagate(i, layer, cap)
                 layer.to(home)
                 bar.update(1)
+                if self.on_layer is not None:
+                    self.on_layer(i + 1, len(layers))
         finally:
             bar.close()
         self.report.seconds = time.perf_counter() - t0

@@ -1,0 +1,1 @@
+"""Thin HTTP routers: parse, authorize, call the serving layer, shape the answer."""

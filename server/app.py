@@ -1,0 +1,108 @@
+"""The FastAPI application: `build_app(settings, engine=None)`.
+
+With an engine (tests), it serves that engine at once. Without, start-up loads the model on a
+background thread (quantize or load from the cache, progress in the log and in `/ready`'s
+message) while `/health` answers and `/ready` says 503; a failed load keeps the server up and
+`/ready` failing with the reason. Shutdown drains running requests up to `drain_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+import veq
+from server.api import admin, openai, ops
+from server.api.deps import AppState
+from server.engine import Engine
+from server.engine.requant import Requantizer
+from server.engine.runner import ModelRunner
+from server.errors import install_body_limit, install_error_handlers
+from server.loader import build_runner
+from server.metrics import Metrics
+from server.serving.chat import ChatService
+
+log = logging.getLogger(__name__)
+
+#: (settings, overrides, on_layer) -> runner; `build_runner` unless a test injects another.
+Factory = Callable[[Any, dict[str, Any], Callable[[int, int], None]], ModelRunner]
+
+
+def _factory_for(settings: Any, factory: Factory) -> Callable[..., ModelRunner]:
+    def build(overrides: dict[str, Any], on_layer: Callable[[int, int], None]) -> ModelRunner:
+        return factory(settings, overrides, on_layer)
+
+    return build
+
+
+def _attach(state: AppState, engine: Engine, factory: Factory) -> None:
+    state.engine = engine
+    state.chat = ChatService(engine, state.settings)
+    state.requant = Requantizer(engine, _factory_for(state.settings, factory))
+
+
+def build_app(
+    settings: Any,
+    engine: Engine | None = None,
+    *,
+    factory: Factory | None = None,
+) -> FastAPI:
+    metrics = Metrics()
+    state = AppState(settings=settings, metrics=metrics)
+    make = factory or (lambda s, o, cb: build_runner(s, o, cb, progress=True))
+
+    def load() -> None:
+        def progress(layer: int, layers: int) -> None:
+            state.loading.update(layer=layer, layers=layers)
+
+        try:
+            runner = make(settings, {}, progress)
+            eng = Engine(
+                runner,
+                max_batch=settings.max_batch,
+                max_queue=settings.max_queue,
+                observer=metrics.observer(),
+            )
+            eng.start()
+            _attach(state, eng, make)
+            log.info(
+                "serving %s (%s, %d-bit)", runner.info.name, runner.info.method, runner.info.bits
+            )
+        except Exception as exc:  # the server stays up and /ready reports it
+            log.exception("model load failed")
+            state.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if engine is not None:
+            engine.observer = metrics.observer()
+            engine.start()
+            _attach(state, engine, make)
+        else:
+            threading.Thread(target=load, name="veq-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            drained = await asyncio.to_thread(state.engine.drain, settings.drain_timeout_s)
+            if not drained:
+                log.warning("drain timeout: cancelling %d running requests", state.engine.active)
+            state.engine.stop()
+
+    app = FastAPI(
+        title="veq",
+        version=veq.__version__,
+        description="OpenAI-compatible chat for quantized MoE vision-language models.",
+        lifespan=lifespan,
+    )
+    app.state.veq = state
+    install_error_handlers(app)
+    install_body_limit(app, settings.max_body_bytes)
+    app.include_router(ops.router)
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+    return app

@@ -1,0 +1,316 @@
+"""Continuous batching on a background thread, and the asyncio bridge to it.
+
+The loop, at every step boundary: admit waiting requests (prefill each, sample its first token,
+add it to the running batch), then advance every running batch by one token, emit text deltas,
+and retire rows that finished (EOS, stop string, max_tokens) or were cancelled. A requantized
+model is swapped in between steps: new requests start on it while rows already running finish
+on the model they started with, whose batch then empties and is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.kv import BatchKVCache
+from server.engine.runner import ModelRunner
+from server.engine.sampling import sample
+from server.engine.types import FinishReason, GenerationEvent, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(Exception):
+    """The queue is full; retry later."""
+
+
+class EngineStopped(Exception):
+    """The engine is draining or stopped and takes no new requests."""
+
+
+@dataclass
+class EngineObserver:
+    """Callbacks for metrics; each defaults to doing nothing."""
+
+    on_first_token: Callable[[float], None] = lambda ttft: None
+    on_token: Callable[[float], None] = lambda itl: None
+    on_finish: Callable[[str, int, int], None] = lambda reason, prompt, completion: None
+    on_step: Callable[[int], None] = lambda batch_size: None
+
+
+@dataclass
+class _Seq:
+    req: GenerationRequest
+    runner: ModelRunner
+    position: int
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    emitted: int = 0
+    last_token_at: float = 0.0
+
+    def advance(self, token: int) -> tuple[str, FinishReason | None]:
+        """Take one sampled token: the new text to emit and, when done, why."""
+        p = self.req.params
+        finish: FinishReason | None = None
+        if token in self.runner.eos_ids:
+            finish = "stop"
+        else:
+            self.tokens.append(token)
+        text = self.runner.processor.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for stop in p.stop:
+            at = text.find(stop, max(0, self.emitted - len(stop)))
+            if at >= 0:
+                text, finish = text[:at], "stop"
+                break
+        if finish is None and len(self.tokens) >= p.max_tokens:
+            finish = "length"
+        if finish is not None:
+            delta, self.emitted = text[self.emitted :], len(text)
+            return delta, finish
+        # Hold back what may still become a stop string or an incomplete UTF-8 character.
+        safe = len(text) - max((len(s) - 1 for s in p.stop), default=0)
+        while safe > self.emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        delta = text[self.emitted : max(safe, self.emitted)]
+        self.emitted += len(delta)
+        return delta, None
+
+
+@dataclass
+class _Batch:
+    runner: ModelRunner
+    kv: BatchKVCache = field(default_factory=BatchKVCache)
+    seqs: list[_Seq] = field(default_factory=list)
+
+
+class Engine:
+    """Owns the model runner(s) and the scheduling thread."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self._runner = runner
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.observer = observer or EngineObserver()
+        self._waiting: deque[GenerationRequest] = deque()
+        self._batches: list[_Batch] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._accepting = True
+        self.steps = 0
+        self.max_batch_seen = 0
+        self.batch_sizes: list[int] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="veq-engine", daemon=True)
+            self._thread.start()
+
+    def drain(self, timeout: float) -> bool:
+        """Stop taking requests and wait up to `timeout` s for running ones; True if all done."""
+        with self._cond:
+            self._accepting = False
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.active == 0 and self.waiting == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        for req in list(self._waiting):
+            self._emit(req, GenerationEvent(finish_reason="cancelled"))
+        self._waiting.clear()
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self._runner
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return sum(len(b.seqs) for b in self._batches)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and not self._stopping
+
+    def swap(self, runner: ModelRunner) -> ModelRunner:
+        """Serve new requests with `runner` from the next step on; returns the old runner."""
+        with self._cond:
+            old, self._runner = self._runner, runner
+            self._cond.notify_all()
+        return old
+
+    def kv_bytes(self) -> int:
+        return sum(b.kv.nbytes() for b in self._batches)
+
+    # -- the asyncio side -----------------------------------------------------------------
+
+    def submit(self, req: GenerationRequest) -> asyncio.Queue[GenerationEvent]:
+        """Queue `req` (call from the event loop); raises EngineOverloaded / EngineStopped."""
+        if not self.accepting:
+            raise EngineStopped("the server is shutting down")
+        with self._cond:
+            if len(self._waiting) + self.active >= self.max_queue:
+                raise EngineOverloaded(f"{self.max_queue} requests are already queued or running")
+            req._loop = asyncio.get_running_loop()
+            req._queue = asyncio.Queue()
+            self._waiting.append(req)
+            self._cond.notify_all()
+        return req._queue
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Events of `req` until its final one; closing the iterator early cancels it."""
+        queue = self.submit(req)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            req.cancel()
+
+    def _emit(self, req: GenerationRequest, event: GenerationEvent) -> None:
+        if req._loop is not None and req._queue is not None:
+            try:
+                req._loop.call_soon_threadsafe(req._queue.put_nowait, event)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    # -- the engine thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._batches:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                admit = []
+                room = self.max_batch - self.active
+                while self._waiting and len(admit) < max(room, 0):
+                    admit.append(self._waiting.popleft())
+                runner = self._runner
+            try:
+                for req in admit:
+                    self._admit(req, runner)
+                for batch in list(self._batches):
+                    self._step(batch)
+            except Exception as exc:  # never let one bad step kill the server
+                log.exception("engine step failed")
+                self._fail_all(str(exc))
+
+    def _batch_for(self, runner: ModelRunner) -> _Batch:
+        for batch in self._batches:
+            if batch.runner is runner:
+                return batch
+        batch = _Batch(runner)
+        self._batches.append(batch)
+        return batch
+
+    def _admit(self, req: GenerationRequest, runner: ModelRunner) -> None:
+        if req.cancelled:
+            self._emit(req, GenerationEvent(finish_reason="cancelled"))
+            return
+        pre = runner.prefill(req.inputs)
+        gen = None
+        if req.params.seed is not None:
+            gen = torch.Generator().manual_seed(req.params.seed)
+        seq = _Seq(req, runner, pre.next_position, gen)
+        token = sample(pre.logits.unsqueeze(0), [req.params], [gen])[0]
+        now = time.monotonic()
+        self.observer.on_first_token(now - req.created)
+        seq.last_token_at = now
+        if self._deliver(seq, token):
+            batch = self._batch_for(runner)
+            batch.kv.add(pre.keys, pre.values)
+            batch.seqs.append(seq)
+
+    def _deliver(self, seq: _Seq, token: int) -> bool:
+        """Emit the token's text; False when the sequence is finished."""
+        delta, finish = seq.advance(token)
+        event = GenerationEvent(
+            text=delta,
+            token_ids=[token],
+            finish_reason=finish,
+            prompt_tokens=seq.req.prompt_tokens,
+            completion_tokens=len(seq.tokens),
+        )
+        self._emit(seq.req, event)
+        if finish is not None:
+            self.observer.on_finish(finish, seq.req.prompt_tokens, len(seq.tokens))
+        return finish is None
+
+    def _step(self, batch: _Batch) -> None:
+        live = [i for i, s in enumerate(batch.seqs) if not s.req.cancelled]
+        for s in batch.seqs:
+            if s.req.cancelled:
+                self._emit(s.req, GenerationEvent(finish_reason="cancelled"))
+                self.observer.on_finish("cancelled", s.req.prompt_tokens, len(s.tokens))
+        if len(live) != len(batch.seqs):
+            batch.kv.keep(live)
+            batch.seqs = [batch.seqs[i] for i in live]
+        if not batch.seqs:
+            self._batches.remove(batch)
+            return
+        b = len(batch.seqs)
+        self.steps += 1
+        self.max_batch_seen = max(self.max_batch_seen, b)
+        self.batch_sizes.append(b)
+        del self.batch_sizes[:-1000]
+        self.observer.on_step(b)
+        last = [s.tokens[-1] for s in batch.seqs]
+        positions = torch.tensor([s.position for s in batch.seqs])
+        logits = batch.runner.decode(last, positions, batch.kv)
+        tokens = sample(
+            logits, [s.req.params for s in batch.seqs], [s.generator for s in batch.seqs]
+        )
+        now = time.monotonic()
+        keep = []
+        for i, (seq, token) in enumerate(zip(batch.seqs, tokens, strict=True)):
+            seq.position += 1
+            self.observer.on_token(now - seq.last_token_at)
+            seq.last_token_at = now
+            if self._deliver(seq, token):
+                keep.append(i)
+        if len(keep) != b:
+            batch.kv.keep(keep)
+            batch.seqs = [batch.seqs[i] for i in keep]
+        if not batch.seqs:
+            self._batches.remove(batch)
+
+    def _fail_all(self, message: str) -> None:
+        for batch in self._batches:
+            for seq in batch.seqs:
+                self._emit(seq.req, GenerationEvent(finish_reason="error", error=message))
+        self._batches = []

@@ -1,0 +1,115 @@
+"""One loaded model, ready to prefill a request and to decode a batch by one token.
+
+Prefill runs the model's own forward (vision tower, image merging, multimodal RoPE) on one
+request and hands back its KV cache; decode runs the decoder layers directly on the whole batch
+with `BatchKVCache` and a padding mask, so rows of different lengths advance together.
+
+Shape legend: B batch rows, S prompt length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from server.engine.kv import BatchKVCache
+from veq.models import decoder_layers, get_architecture, get_module
+
+
+@dataclass
+class Prefill:
+    logits: Tensor  # [V] fp32, the distribution of the first generated token
+    keys: list[Tensor]  # per layer [1, Hk, S, D]
+    values: list[Tensor]
+    next_position: int  # RoPE position of the first generated token
+
+
+@dataclass
+class ModelInfo:
+    """What `/v1/models` and `/admin/stats` say about the loaded model."""
+
+    name: str
+    method: str
+    bits: int
+    group_size: int | None
+    weight_bytes: int
+    checkpoint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and persistent buffers (packed weights, scales, zeros included)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in skip:
+                total += buf.numel() * buf.element_size()
+    return total
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, processor: Any, info: ModelInfo) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.info = info
+        self.arch = get_architecture(model)
+        self.text = get_module(model, self.arch.text_model)
+        self.layers = decoder_layers(model, self.arch)
+        self.lm_head = model.get_output_embeddings()
+        embed = self.text.embed_tokens
+        self.device = embed.weight.device
+        self.dtype = embed.weight.dtype
+        self.mrope = self.arch.name == "qwen3_vl_moe"
+        tok = processor.tokenizer
+        eos = {tok.eos_token_id}
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos_ids = {int(e) for e in eos if e is not None}
+
+    @torch.no_grad()
+    def prefill(self, inputs: dict[str, Tensor]) -> Prefill:
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        out = self.model(**inputs, use_cache=True)
+        cache = out.cache if "cache" in out else out.past_key_values
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        length = int(inputs["input_ids"].shape[1])
+        next_position = length
+        if self.mrope and "image_grid_thw" in inputs:
+            _, delta = self.model.model.get_rope_index(
+                inputs["input_ids"],
+                mm_token_type_ids=inputs["mm_token_type_ids"],
+                image_grid_thw=inputs["image_grid_thw"],
+                attention_mask=inputs.get("attention_mask"),
+            )
+            next_position = length + int(delta.reshape(-1)[0])
+        return Prefill(out.logits[0, -1].float(), keys, values, next_position)
+
+    @torch.no_grad()
+    def decode(self, tokens: list[int], positions: Tensor, kv: BatchKVCache) -> Tensor:
+        """Feed one token per row (`tokens` [B], RoPE `positions` [B]); returns logits [B, V]."""
+        b = len(tokens)
+        ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
+        hidden = self.text.embed_tokens(ids)
+        mask = kv.begin_step().to(self.device, hidden.dtype)
+        pos = positions.to(self.device)
+        position_ids = pos.view(1, b, 1).expand(3, b, 1) if self.mrope else pos.view(b, 1)
+        position_embeddings = self.text.rotary_emb(hidden, position_ids)
+        for layer in self.layers:
+            out = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=None if self.mrope else position_ids,
+                cache=kv,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        kv.end_step()
+        return self.lm_head(self.text.norm(hidden)[:, -1]).float()

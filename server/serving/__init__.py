@@ -1,0 +1,1 @@
+"""Request → engine → response: the OpenAI semantics that need the model (`chat.ChatService`)."""
