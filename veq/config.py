@@ -53,7 +53,6 @@ class QuantConfig(BaseModel):
         "float16", description="Storage dtype of scales; codes are computed against it."
     )
 
-
     @property
     def qmin(self) -> int:
         """Smallest signed code, -2^(b-1) (compressed-tensors' convention)."""

@@ -57,7 +57,6 @@ class Recipe(BaseModel):
         2048, ge=64, description="Tokens per linear kept for AWQ-family losses."
     )
 
-
     @field_validator("gamma")
     @classmethod
     def _gamma(cls, v: float | str) -> float | str:
