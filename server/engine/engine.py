@@ -99,9 +99,11 @@ class Engine:
         *,
         max_batch: int = 16,
         max_queue: int = 64,
+        max_prefill_tokens: int = 8192,
         observer: EngineObserver | None = None,
     ) -> None:
         self._runner = runner
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.observer = observer or EngineObserver()
@@ -222,8 +224,8 @@ class Engine:
                     admit.append(self._waiting.popleft())
                 runner = self._runner
             try:
-                for req in admit:
-                    self._admit(req, runner)
+                if admit:
+                    self._admit(admit, runner)
                 for batch in list(self._batches):
                     self._step(batch)
             except Exception as exc:  # never let one bad step kill the server
@@ -238,23 +240,40 @@ class Engine:
         self._batches.append(batch)
         return batch
 
-    def _admit(self, req: GenerationRequest, runner: ModelRunner) -> None:
-        if req.cancelled:
-            self._emit(req, GenerationEvent(finish_reason="cancelled"))
-            return
-        pre = runner.prefill(req.inputs)
-        gen = None
-        if req.params.seed is not None:
-            gen = torch.Generator().manual_seed(req.params.seed)
-        seq = _Seq(req, runner, pre.next_position, gen)
-        token = sample(pre.logits.unsqueeze(0), [req.params], [gen])[0]
-        now = time.monotonic()
-        self.observer.on_first_token(now - req.created)
-        seq.last_token_at = now
-        if self._deliver(seq, token):
-            batch = self._batch_for(runner)
-            batch.kv.add(pre.keys, pre.values)
-            batch.seqs.append(seq)
+    def _admit(self, reqs: list[GenerationRequest], runner: ModelRunner) -> None:
+        """Prefill newcomers together (bounded by `max_prefill_tokens`), sample their first
+        tokens, and add the unfinished ones to the runner's batch."""
+        live = []
+        for req in reqs:
+            if req.cancelled:
+                self._emit(req, GenerationEvent(finish_reason="cancelled"))
+            else:
+                live.append(req)
+        groups: list[list[GenerationRequest]] = []
+        budget = 0
+        for req in live:
+            if not groups or budget + req.prompt_tokens > self.max_prefill_tokens:
+                groups.append([])
+                budget = 0
+            groups[-1].append(req)
+            budget += req.prompt_tokens
+        for group in groups:
+            prefills = runner.prefill([r.inputs for r in group])
+            for req, pre in zip(group, prefills, strict=True):
+                gen = (
+                    torch.Generator().manual_seed(req.params.seed)
+                    if req.params.seed is not None
+                    else None
+                )
+                seq = _Seq(req, runner, pre.next_position, gen)
+                token = sample(pre.logits.unsqueeze(0), [req.params], [gen])[0]
+                now = time.monotonic()
+                self.observer.on_first_token(now - req.created)
+                seq.last_token_at = now
+                if self._deliver(seq, token):
+                    batch = self._batch_for(runner)
+                    batch.kv.add(pre.keys, pre.values)
+                    batch.seqs.append(seq)
 
     def _deliver(self, seq: _Seq, token: int) -> bool:
         """Emit the token's text; False when the sequence is finished."""

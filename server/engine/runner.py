@@ -70,26 +70,67 @@ class ModelRunner:
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = {int(e) for e in eos if e is not None}
 
+    def _collate(self, batch: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[int]]:
+        """Right-pad a list of single-request inputs into one batch; returns it and the lengths.
+
+        Right padding keeps each row's valid positions at [0, S_b), the layout `BatchKVCache`
+        uses, so a row's prefill cache moves into the running batch without shifting."""
+        lengths = [int(x["input_ids"].shape[1]) for x in batch]
+        top = max(lengths)
+        pad_id = self.processor.tokenizer.pad_token_id or 0
+        out: dict[str, Tensor] = {}
+        for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+            if all(key in x for x in batch):
+                out[key] = torch.cat(
+                    [
+                        torch.nn.functional.pad(x[key], (0, top - x[key].shape[1]), value=fill)
+                        for x in batch
+                    ]
+                )
+        if "attention_mask" not in out:
+            out["attention_mask"] = torch.cat(
+                [
+                    torch.nn.functional.pad(torch.ones(1, n, dtype=torch.long), (0, top - n))
+                    for n in lengths
+                ]
+            )
+        for key in ("pixel_values", "image_grid_thw"):
+            parts = [x[key] for x in batch if key in x]
+            if parts:
+                out[key] = torch.cat(parts)
+        if "image_grid_thw" in out and "mm_token_type_ids" not in out:
+            raise ValueError("image inputs need mm_token_type_ids (use the model's processor)")
+        return out, lengths
+
     @torch.no_grad()
-    def prefill(self, inputs: dict[str, Tensor]) -> Prefill:
+    def prefill(self, batch: list[dict[str, Tensor]]) -> list[Prefill]:
+        """Prefill several requests in one forward pass (images included)."""
+        inputs, lengths = self._collate(batch)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         out = self.model(**inputs, use_cache=True)
         cache = out.cache if "cache" in out else out.past_key_values
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
-        length = int(inputs["input_ids"].shape[1])
-        next_position = length
+        deltas = [0] * len(batch)
         if self.mrope and "image_grid_thw" in inputs:
             _, delta = self.model.model.get_rope_index(
                 inputs["input_ids"],
                 mm_token_type_ids=inputs["mm_token_type_ids"],
                 image_grid_thw=inputs["image_grid_thw"],
-                attention_mask=inputs.get("attention_mask"),
+                attention_mask=inputs["attention_mask"],
             )
-            next_position = length + int(delta.reshape(-1)[0])
-        return Prefill(out.logits[0, -1].float(), keys, values, next_position)
+            deltas = [int(d) for d in delta.reshape(-1).tolist()]
+        results = []
+        for b, n in enumerate(lengths):
+            results.append(
+                Prefill(
+                    out.logits[b, n - 1].float(),
+                    [layer.keys[b : b + 1, :, :n] for layer in cache.layers],
+                    [layer.values[b : b + 1, :, :n] for layer in cache.layers],
+                    n + deltas[b],
+                )
+            )
+        return results
 
     @torch.no_grad()
     def decode(self, tokens: list[int], positions: Tensor, kv: BatchKVCache) -> Tensor:
