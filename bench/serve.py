@@ -40,7 +40,7 @@ def _port() -> int:
 
 
 def start_server(
-    model: str, bits: int, method: str, group: str, cache: str, device: str
+    model: str, bits: int, method: str, group: str, cache: str, device: str, threads: int
 ) -> tuple[subprocess.Popen, str]:
     port = _port()
     cmd = [
@@ -64,6 +64,8 @@ def start_server(
         "32",
         "--max-queue",
         "256",
+        "--threads",
+        str(threads),
     ]
     log = open(Path(cache) / f"serve-{bits}.log", "w")  # noqa: SIM115 (kept open for the child)
     proc = subprocess.Popen(cmd, env={**os.environ, "VEQ_CACHE_DIR": cache}, stdout=log, stderr=log)
@@ -95,6 +97,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--method", default="rtn")
     ap.add_argument("--group-size", default="128")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="server intra-op threads (the load generator shares this machine)",
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cache-dir", default=None, help="default: a fresh temporary directory")
     ap.add_argument("--no-write", action="store_true")
@@ -104,7 +112,9 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     rows, gains = [], []
     for bits in (int(b) for b in args.bits.split(",")):
-        proc, url = start_server(args.model, bits, args.method, args.group_size, cache, args.device)
+        proc, url = start_server(
+            args.model, bits, args.method, args.group_size, cache, args.device, args.threads
+        )
         try:
             stats = httpx.get(
                 f"{url}/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"}
@@ -167,7 +177,8 @@ def main() -> None:
         f"**{device_name('cuda' if args.device == 'cuda' else 'cpu')}**, model `{args.model}`, "
         f"streaming image+text requests (80 % with a 64–160 px image), max_tokens "
         f"{args.max_tokens}, {args.requests_per_client} requests per client; one `veq serve` "
-        f"process per setting.\n\n{table}\n\nBatching gain, output tok/s at concurrency "
+        f"process per setting with `--threads {args.threads}` (the load generator runs on the "
+        f"same machine).\n\n{table}\n\nBatching gain, output tok/s at concurrency "
         f"{max(levels)} ÷ concurrency {min(levels)}: {gain_line}.\n"
     )
     if not args.no_write:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 
 import veq
@@ -57,7 +58,9 @@ def build_app(
     state = AppState(settings=settings, metrics=metrics)
     make = factory or (lambda s, o, cb: build_runner(s, o, cb, progress=True))
 
-    def load() -> None:
+    def load(threads: int) -> None:
+        torch.set_num_threads(threads)  # OpenMP settings are per OS thread
+
         def progress(layer: int, layers: int) -> None:
             state.loading.update(layer=layer, layers=layers)
 
@@ -85,7 +88,9 @@ def build_app(
             engine.start()
             _attach(state, engine, make)
         else:
-            threading.Thread(target=load, name="veq-load", daemon=True).start()
+            threading.Thread(
+                target=load, args=(torch.get_num_threads(),), name="veq-load", daemon=True
+            ).start()
         yield
         if state.engine is not None:
             drained = await asyncio.to_thread(state.engine.drain, settings.drain_timeout_s)

@@ -124,6 +124,14 @@ class ServeSettings(BaseSettings):
         5.0, gt=0, le=120, description="Seconds allowed for one remote image, redirects included."
     )
 
+    # --- Compute ---------------------------------------------------------------------------------
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU intra-op threads for torch (default: torch's choice). On a shared host, "
+        "1 avoids spinning threads fighting the load generator or other jobs.",
+    )
+
     # --- Shutdown ------------------------------------------------------------------------------
     drain_timeout_s: float = Field(
         30.0, ge=0, description="Seconds SIGTERM waits for in-flight requests before exiting."
@@ -288,6 +296,7 @@ def describe_errors(exc: ValidationError) -> str:
 # converted and validated by the settings themselves (one validator, one error message).
 _FLAG_TYPES: dict[str, Any] = {
     "bits": int,
+    "threads": int,
     "port": int,
     "samples": int,
     "max_batch": int,

@@ -57,5 +57,7 @@ def fused_moe_reference(
         gu = xc[token] @ w13.t()
         hidden = torch.nn.functional.silu(gu[:, :i_dim]) * gu[:, i_dim:]
         y = hidden @ dequantize(g2.weight.expert(i2), cd).t()  # [n_e, H]
-        out.index_add_(0, token, y.float() * topk_weights[token, pick].float()[:, None])
+        # A token picks an expert at most once, so plain indexed += has no duplicate rows; it
+        # avoids index_add_'s parallel path, which stalls badly on a busy CPU.
+        out[token] += y.float() * topk_weights[token, pick].float()[:, None]
     return out.to(x.dtype)

@@ -104,6 +104,8 @@ class Engine:
     ) -> None:
         self._runner = runner
         self.max_prefill_tokens = max_prefill_tokens
+        # OpenMP thread counts are per OS thread: carry the creator's setting into ours.
+        self._threads = torch.get_num_threads()
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.observer = observer or EngineObserver()
@@ -212,6 +214,7 @@ class Engine:
     # -- the engine thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._threads)
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._batches:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from server.engine.engine import Engine
 from server.engine.runner import ModelRunner
 
@@ -60,7 +62,10 @@ class Requantizer:
             job = Job(f"rq-{next(self._ids)}", settings)
             self.jobs[job.id] = job
             self._running = job
-        threading.Thread(target=self._run, args=(job,), name=f"veq-{job.id}", daemon=True).start()
+        threads = torch.get_num_threads()  # per OS thread in OpenMP: pass it on
+        threading.Thread(
+            target=self._run, args=(job, threads), name=f"veq-{job.id}", daemon=True
+        ).start()
         return job
 
     def _progress(self, job: Job) -> Callable[[int, int], None]:
@@ -69,7 +74,8 @@ class Requantizer:
 
         return update
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, threads: int) -> None:
+        torch.set_num_threads(threads)
         job.state = "running"
         job.started = time.time()
         try:

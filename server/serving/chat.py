@@ -9,7 +9,6 @@ counting image tokens. It does not know HTTP routing or auth (`server.api`) nor 
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -82,7 +81,9 @@ class ChatService:
             raise model_not_found(req.model, self.model_names)
         messages, images = await self._messages(req)
         try:
-            inputs = await asyncio.to_thread(self._encode, messages, images)
+            # On the event loop's thread on purpose: the processor builds torch tensors, and a
+            # worker thread would bring its own OpenMP team to fight the engine for the cores.
+            inputs = self._encode(messages, images)
         except (ValueError, TypeError) as exc:
             raise bad_request(f"cannot build the prompt: {exc}", param="messages") from None
         prompt = int(inputs["input_ids"].shape[-1])
