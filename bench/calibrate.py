@@ -114,9 +114,12 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--child", nargs=2, metavar=("DEPTH", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(int(args.child[0]), args.child[1], args.samples, args.device)))
         return
@@ -134,6 +137,7 @@ def main() -> None:
                 str(args.samples),
                 "--device",
                 args.device,
+                *(["--threads", str(args.threads)] if args.threads else []),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -174,7 +178,7 @@ def main() -> None:
         f"**{device_name(args.device)}**, calibration on `{args.device}`; Qwen3-VL-MoE with "
         f"hidden 512, 16 experts top-4, expert width 256; {args.samples} built-in samples "
         f"({results[0]['tokens']} tokens); W4 g128; γ given (γ = auto's backward pass: "
-        f"{gamma_line or 'not run'}).\n\n{table}\n"
+        f"{gamma_line or 'not run'}); {torch.get_num_threads()} torch thread(s).\n\n{table}\n"
     )
     if args.device == "cpu":
         body += (
