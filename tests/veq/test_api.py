@@ -31,42 +31,15 @@ def _entries(cache: Path) -> list[str]:
 
 def test_quantize_caches_and_loads(qwen_dir, tmp_path, calib):
     cache = tmp_path / "cache"
-    first = veq.quantize(
-        qwen_dir,
-        method="gptq",
-        bits=4,
-        samples=3,
-        gamma=10.0,
-        cache_dir=cache,
-        group_size=32,
-        progress=False,
-        device="cpu",
+    kw = dict(
+        bits=4, samples=3, gamma=10.0, cache_dir=cache, group_size=32, progress=False, device="cpu"
     )
+    first = veq.quantize(qwen_dir, method="gptq", **kw)
     assert not first.cached and verify(first.path)
     assert first.path.parent == cache and "gptq-w4g32" in first.path.name
-    again = veq.quantize(
-        qwen_dir,
-        method="gptq",
-        bits=4,
-        samples=3,
-        gamma=10.0,
-        cache_dir=cache,
-        group_size=32,
-        progress=False,
-        device="cpu",
-    )
+    again = veq.quantize(qwen_dir, method="gptq", **kw)
     assert again.cached and again.path == first.path
-    other = veq.quantize(
-        qwen_dir,
-        method="rtn",
-        bits=4,
-        samples=3,
-        gamma=10.0,
-        cache_dir=cache,
-        group_size=32,
-        progress=False,
-        device="cpu",
-    )
+    other = veq.quantize(qwen_dir, method="rtn", **kw)
     assert other.path != first.path
     model, processor = veq.load(first.path, device="cpu")
     assert type(model.model.language_model.layers[0].mlp.experts).__name__ == "QuantMoEExperts"
