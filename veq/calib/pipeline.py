@@ -487,7 +487,10 @@ class Calibrator:
         return awq_quantize(weight, x, cfg, token_weights=c, clip=self.recipe.clip)
 
     def _record(self, name: str, qw: QuantizedWeight) -> None:
-        self.weights[name] = qw
+        # Results live on the host: the device holds one layer at a time, never the model.
+        self.weights[name] = QuantizedWeight(
+            qw.codes.cpu(), qw.scale.cpu(), qw.zero.cpu() if qw.zero is not None else None, qw.cfg
+        )
         n, k = qw.shape
         self.report.bits[name] = qw.cfg.bits
         self.report.bytes_16bit += 2 * n * k
