@@ -7,6 +7,7 @@ Every failure ends as one line on stderr and a non-zero exit code, never a trace
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -101,6 +102,25 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(_: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from veq.api import BUNDLED
+
+    print(f"{'name':8s} {'parameters':>12s}  path")
+    for name, path in BUNDLED.items():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            print(f"{name:8s} {'(missing)':>12s}  {path}")
+            continue
+        params = 0
+        for f in files:
+            with safe_open(str(f), framework="pt") as reader:
+                params += sum(math.prod(reader.get_slice(k).get_shape()) for k in reader.keys())
+        print(f"{name:8s} {params:>12,d}  {path}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
@@ -189,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_not_yet("eval", 4))
 
     p = sub.add_parser("models", help="list the bundled models")
-    p.set_defaults(run=_not_yet("models", 4))
+    p.set_defaults(run=_models)
 
     p = sub.add_parser(
         "serve",
