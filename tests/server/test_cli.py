@@ -62,3 +62,10 @@ def test_unfinished_subcommand_says_so(capsys):
     assert main(["bench"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not yet available" in err
+
+
+def test_models_lists_bundled(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["name", "parameters", "path"]
+    assert out.splitlines()[1].startswith("mini")
