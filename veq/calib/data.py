@@ -1,7 +1,8 @@
 """Calibration data: conversations with images, turned into model inputs with token kinds.
 
-Owns three sources: a built-in offline set (real photographs shipped by scikit-image, with
-captions and questions written for them), a JSONL file (`{"image", "messages"}` or LLaVA-style
+Owns the sources: a built-in offline set (real photographs shipped by scikit-image, with
+captions and questions written for them, plus ShapesVQA conversations), `shapes` (ShapesVQA
+only), a JSONL file (`{"image", "messages"}` or LLaVA-style
 `{"image", "conversations"}`), and a Hugging Face dataset by name (needs `datasets` and a
 network). Every sample goes through the model's own chat template and processor, and each token
 is tagged vision / prompt / answer (`veq.tokens.TokenKind`). It does not run the model.
@@ -128,13 +129,20 @@ def _photo(name: str, max_side: int) -> Image.Image:
 
 
 def builtin_conversations(n: int, seed: int = 0, max_side: int = 224) -> list[Conversation]:
-    """`n` conversations cycling over the photos (two turns each: caption, question) with a
-    text-only conversation every fourth sample so that text-only routing is represented."""
+    """`n` conversations: photos (two turns each: caption, question), ShapesVQA images with
+    several questions (every fourth, from the calibration seed range), and a text-only
+    conversation every fourth so that text-only routing is represented."""
+    from veq.reference.encode import calibration_conversations
+
     rng = random.Random(seed)
     names = sorted(_PHOTOS)
     rng.shuffle(names)
+    shapes = calibration_conversations((n + 3) // 4, seed=seed % 100, text_fraction=0.0)
     out = []
     for i in range(n):
+        if i % 4 == 1:  # ShapesVQA: synthetic shapes with several questions per image
+            out.append(shapes[i // 4])
+            continue
         if i % 4 == 3:
             q, a = _TEXT_ONLY[(i // 4) % len(_TEXT_ONLY)]
             out.append(
@@ -268,11 +276,15 @@ def load_hf_dataset(name: str, n: int, split: str = "train") -> list[Conversatio
 
 
 def conversations(spec: str, n: int, seed: int = 0) -> list[Conversation]:
-    """`spec`: 'builtin', a path to a .jsonl file, or 'hf:NAME[:SPLIT]'."""
+    """`spec`: 'builtin', 'shapes' (ShapesVQA only), a .jsonl path, or 'hf:NAME[:SPLIT]'."""
     if n < 1:
         raise CalibrationError(f"need at least one calibration sample, got {n}")
     if spec == "builtin":
         return builtin_conversations(n, seed)
+    if spec == "shapes":
+        from veq.reference.encode import calibration_conversations
+
+        return calibration_conversations(n, seed=seed % 100)
     if spec.startswith("hf:"):
         name, _, split = spec[3:].partition(":")
         return load_hf_dataset(name, n, split or "train")

@@ -13,8 +13,10 @@ Shape legend: B sequences, S padded length, N images, P = N·64 patches, C = N·
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +24,17 @@ import torch
 from torch import Tensor
 
 from veq.calib.data import Conversation
-from veq.models.processor import ImageOnlyQwen3VLProcessor, build_processor
-from veq.reference.shapes import COLORS, IMAGE_SIZE, SHAPES, Sample, vocabulary
+from veq.models.processor import ImageOnlyQwen3VLProcessor, build_processor, build_tokenizer
+from veq.reference.shapes import (
+    CALIB_SEEDS,
+    COLORS,
+    IMAGE_SIZE,
+    SHAPES,
+    Sample,
+    answer_words,
+    training_sample,
+    vocabulary,
+)
 
 PATCH = 16
 MERGE = 2
@@ -33,9 +44,40 @@ CELLS = GRID // MERGE  # 4 merged cells per side
 IMAGE_TOKENS = CELLS * CELLS  # 16 merged vision tokens per image
 
 
+def _single_token(tok: Any, word: str) -> bool:
+    return len(tok(word, add_special_tokens=False)["input_ids"]) == 1
+
+
+def reference_words() -> list[str]:
+    """The whole-word tokens of the reference tokenizer, in the order that makes them whole.
+
+    `build_tokenizer` registers each word's merges as a left-to-right chain, and BPE applies
+    merges by rank over the whole word, so a pair from an earlier word ("al" from "alphabet")
+    can fire first and leave a later word ("half") in pieces. Every answer word and chat role
+    must be one token (exact match and answer NLL are per token): those go first, in any order
+    that works, and question words that still split are left out (they stay byte-level).
+    """
+    must = {w for a in [*answer_words(), "user", "assistant"] for w in (a, " " + a)}
+    order = sorted(
+        vocabulary(), key=lambda w: (w not in must, -len(w.strip()), not w.startswith(" "), w)
+    )
+    for _ in range(20):
+        tok = build_tokenizer(order)
+        bad = [w for w in order if not _single_token(tok, w)]
+        if not bad:
+            return order
+        bad_must = [w for w in bad if w in must]
+        if bad_must:
+            order = bad_must + [w for w in order if w not in bad_must]
+        else:
+            order = [w for w in order if w not in bad]
+    raise RuntimeError(f"cannot make every answer a single token: {bad}")
+
+
 def reference_processor() -> ImageOnlyQwen3VLProcessor:
-    """The processor shipped with the reference model (deterministic vocabulary)."""
-    return build_processor(words=vocabulary())
+    """The processor shipped with the reference model (deterministic vocabulary in which every
+    answer is one token)."""
+    return build_processor(words=reference_words())
 
 
 def to_conversation(sample: Sample) -> Conversation:
@@ -172,3 +214,41 @@ class Encoder:
             torch.cat(colors) if colors else empty,
             torch.cat(kinds) if kinds else empty,
         )
+
+
+def calibration_samples(
+    n: int, seed: int = 0, questions: int = 4, text_fraction: float = 0.25
+) -> list[Sample]:
+    """`n` ShapesVQA samples for calibration from CALIB_SEEDS; calibration seed `seed` (0..99)
+    picks a disjoint block of 10,000 seeds, so different seeds give different sets."""
+    if not 0 <= seed < len(CALIB_SEEDS) // 10_000 or not 0 < n <= 10_000:
+        raise ValueError(f"calibration seed must be in 0..99 and n in 1..10000, got {seed}, {n}")
+    base = seed * 10_000
+    return [training_sample(CALIB_SEEDS[base + i], questions, text_fraction) for i in range(n)]
+
+
+def calibration_conversations(
+    n: int, seed: int = 0, questions: int = 4, text_fraction: float = 0.25
+) -> list[Conversation]:
+    """ShapesVQA-style calibration conversations (`veq.calib.data.Conversation`): an image with
+    `questions` question/answer turns, or (fraction `text_fraction`) text-only turns."""
+    return [to_conversation(s) for s in calibration_samples(n, seed, questions, text_fraction)]
+
+
+def write_calibration_jsonl(directory: str | Path, n: int, seed: int = 0) -> Path:
+    """Write `n` calibration conversations as `calib.jsonl` + PNG images under `directory` (the
+    JSONL format `veq quantize --calib FILE` reads); returns the JSONL path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, sample in enumerate(calibration_samples(n, seed)):
+        conv = to_conversation(sample)
+        images = []
+        for k, image in enumerate(conv.images):
+            name = f"{i:05d}-{k}.png"
+            image.save(directory / name)
+            images.append(name)
+        lines.append(json.dumps({"images": images, "messages": list(conv.messages)}))
+    path = directory / "calib.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -41,9 +41,23 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "cross")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 WORDS = (
-    "apple", "bird", "boat", "cake", "cat", "dog", "fish", "hat",
-    "kite", "lamp", "moon", "rose", "sun", "tree", "van", "wolf",
-)  # fmt: skip
+    "apple",
+    "bird",
+    "boat",
+    "cake",
+    "cat",
+    "dog",
+    "fish",
+    "hat",
+    "kite",
+    "lamp",
+    "moon",
+    "rose",
+    "sun",
+    "tree",
+    "van",
+    "wolf",
+)
 MAX_NUMBER = 20
 
 VISION_FAMILIES = ("color", "shape", "count", "exists", "position")
@@ -187,9 +201,13 @@ def _ask_shape(scene: Scene, rng: random.Random) -> QA:
     else:
         ref = f"the object in the {QUADRANTS[obj.quadrant]} corner"
     template = rng.choice(
-        ["What shape is {r}?", "Which shape is {r}?", "What kind of shape is {r}?",
-         "Name the shape of {r}."]
-    )  # fmt: skip
+        [
+            "What shape is {r}?",
+            "Which shape is {r}?",
+            "What kind of shape is {r}?",
+            "Name the shape of {r}.",
+        ]
+    )
     return QA("shape", template.format(r=ref), obj.shape)
 
 
@@ -197,9 +215,13 @@ def _ask_count(scene: Scene, rng: random.Random) -> QA:
     kind = rng.choice(["all", "all", "color", "shape"])
     if kind == "all":
         q = rng.choice(
-            ["How many shapes are there?", "How many objects are in the image?",
-             "Count the shapes.", "How many shapes can you see?"]
-        )  # fmt: skip
+            [
+                "How many shapes are there?",
+                "How many objects are in the image?",
+                "Count the shapes.",
+                "How many shapes can you see?",
+            ]
+        )
         return QA("count", q, str(len(scene.shapes)))
     if kind == "color":
         color = rng.choice([s.color for s in scene.shapes] + list(COLORS))
@@ -217,13 +239,15 @@ def _ask_exists(scene: Scene, rng: random.Random) -> QA:
     kind = rng.choice(["pair", "pair", "shape", "color"])
     if kind == "pair":
         present = {(s.color, s.shape) for s in scene.shapes}
-        pool = sorted(present) if yes else [(c, s) for c in COLORS for s in SHAPES
-                                             if (c, s) not in present]  # fmt: skip
+        pool = (
+            sorted(present)
+            if yes
+            else [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        )
         color, shape = rng.choice(pool)
         q = rng.choice(
-            ["Is there a {c} {s}?", "Does the image contain a {c} {s}?",
-             "Can you see a {c} {s}?"]
-        )  # fmt: skip
+            ["Is there a {c} {s}?", "Does the image contain a {c} {s}?", "Can you see a {c} {s}?"]
+        )
         return QA("exists", q.format(c=color, s=shape), "yes" if yes else "no")
     attr, names = ("shape", SHAPES) if kind == "shape" else ("color", tuple(COLORS))
     present_names = {getattr(s, attr) for s in scene.shapes}
@@ -242,15 +266,21 @@ def _ask_position(scene: Scene, rng: random.Random) -> QA:
     ref = _reference(scene, obj, rng)
     if rng.random() < 0.5:
         q = rng.choice(
-            ["Is {r} on the left or on the right?", "Is {r} in the left half or the right half?",
-             "Which side is {r} on, left or right?"]
-        )  # fmt: skip
+            [
+                "Is {r} on the left or on the right?",
+                "Is {r} in the left half or the right half?",
+                "Which side is {r} on, left or right?",
+            ]
+        )
         answer = "left" if obj.left else "right"
     else:
         q = rng.choice(
-            ["Is {r} at the top or at the bottom?", "Is {r} in the upper or lower half?",
-             "Is {r} near the top or near the bottom?"]
-        )  # fmt: skip
+            [
+                "Is {r} at the top or at the bottom?",
+                "Is {r} in the upper or lower half?",
+                "Is {r} near the top or near the bottom?",
+            ]
+        )
         answer = "top" if obj.top else "bottom"
     return QA("position", q.format(r=ref), answer)
 
@@ -283,9 +313,11 @@ def _ask_text(rng: random.Random) -> QA:
         return QA("text", q.format(w=" ".join(words)), words[-1])
     a, b = words[:2]
     q = rng.choice(
-        ["Which word comes first in the alphabet, {a} or {b}?",
-         "Which comes first alphabetically, {a} or {b}?"]
-    )  # fmt: skip
+        [
+            "Which word comes first in the alphabet, {a} or {b}?",
+            "Which comes first alphabetically, {a} or {b}?",
+        ]
+    )
     return QA("text", q.format(a=a, b=b), min(a, b))
 
 
@@ -347,8 +379,13 @@ def vocabulary() -> list[str]:
     for seed in range(3000):  # every phrasing occurs within the first few thousand seeds
         for s in (sample(seed, 4), sample(seed, 4, text_only=True)):
             for qa in s.qas:
-                words.update(qa.question.replace("?", " ").replace(".", " ").replace(",", " ")
-                             .replace(":", " ").split())  # fmt: skip
+                words.update(
+                    qa.question.replace("?", " ")
+                    .replace(".", " ")
+                    .replace(",", " ")
+                    .replace(":", " ")
+                    .split()
+                )
     out: list[str] = []
     for w in sorted(words):
         out += [w, " " + w]

@@ -1,0 +1,413 @@
+"""Train the ShapesVQA reference model from scratch: `python -m veq.reference.train`.
+
+Owns the reference architecture (a small Qwen3-VL-MoE: widths multiples of 128 so g128 applies,
+16 experts, top-4, a load-balancing loss), the training loop (fp32, CPU by default, loss on
+answer tokens plus the router balance loss plus an auxiliary per-cell colour/shape loss on the
+vision tower's merged tokens that shortens the vision plateau; the auxiliary head is not part of
+the model), checkpoints every few hundred steps (resume by running the same command again),
+a progress and loss log, periodic validation accuracy per family, and `export`: the Hugging Face
+model directory (16-bit safetensors, config, processor files). It does not write the model card
+(`veq.reference.card`).
+
+Every training sequence is a pure function of its index (`TRAIN_SEEDS[step · batch + i]`), so a
+resumed run sees exactly the data an uninterrupted one would.
+
+    python -m veq.reference.train --run /tmp/veq-runs/mini --steps 4000
+    python -m veq.reference.train export --run /tmp/veq-runs/mini --out veq/reference/mini
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from veq.reference.encode import CELLS, IMAGE_TOKENS, Batch, Encoder, reference_processor
+from veq.reference.evaluate import evaluate
+from veq.reference.shapes import COLORS, SHAPES, TRAIN_SEEDS, VALID_SEEDS, evaluation_set
+from veq.reference.shapes import training_sample as make_training_sample
+
+log = logging.getLogger("veq.reference.train")
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "train.log"
+HISTORY = "history.jsonl"
+ARGS = "args.json"
+
+
+@dataclass
+class ModelSize:
+    """The reference architecture's sizes (defaults: the shipped `mini`)."""
+
+    hidden: int = 128
+    layers: int = 4
+    experts: int = 16
+    top_k: int = 4
+    moe_intermediate: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 128
+    vision_depth: int = 3
+    deepstack: tuple[int, ...] = (1,)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; stored in the run directory and reused on resume."""
+
+    steps: int = 4000
+    batch: int = 32
+    questions: int = 4
+    text_fraction: float = 0.2
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    balance_coef: float = 0.01
+    aux_weight: float = 0.5
+    seed: int = 0
+    eval_every: int = 250
+    eval_questions: int = 300
+    checkpoint_every: int = 100
+
+
+def build_model(processor: Any, size: ModelSize, seed: int = 0) -> nn.Module:
+    """A freshly initialised Qwen3-VL-MoE model matched to `processor` (fp32, train mode)."""
+    from transformers import AutoModelForImageTextToText
+
+    from veq.testing import qwen3_vl_moe_config
+
+    config = qwen3_vl_moe_config(
+        processor,
+        hidden=size.hidden,
+        layers=size.layers,
+        experts=size.experts,
+        top_k=size.top_k,
+        moe_intermediate=size.moe_intermediate,
+        heads=size.heads,
+        kv_heads=size.kv_heads,
+        vision_hidden=size.vision_hidden,
+        vision_depth=size.vision_depth,
+        deepstack=tuple(size.deepstack),
+    )
+    config.text_config.router_aux_loss_coef = 0.0  # the loop adds the balance loss itself
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(config).float().train()
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class CellHead(nn.Module):
+    """Auxiliary head on the merged vision tokens `[C, H]`: colour logits `[C, 1 + #colours]`,
+    shape logits `[C, 1 + #shapes]` (class 0: nothing in that cell's quadrant) and the cell's own
+    quadrant `[C, 4]`. Training only. The quadrant target keeps position in the tokens' content:
+    without it a probe of the merged tokens finds none, and position questions sit at chance."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.colors = nn.Linear(hidden, 1 + len(COLORS))
+        self.shapes = nn.Linear(hidden, 1 + len(SHAPES))
+        self.quadrants = nn.Linear(hidden, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.colors(x), self.shapes(x), self.quadrants(x)
+
+
+def cell_quadrants(cells: int) -> torch.Tensor:
+    """The quadrant (0..3, QUADRANTS order) of each of `cells` merged tokens, 16 per image in
+    raster order over the 4×4 grid: `[cells]` int64."""
+    idx = torch.arange(IMAGE_TOKENS)
+    r, c = idx // CELLS, idx % CELLS
+    return ((r // 2) * 2 + c // 2).repeat(cells // IMAGE_TOKENS)
+
+
+def balance_loss(router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor, top_k: int):
+    """Switch-style load-balancing loss over the real (unpadded) tokens of every MoE layer:
+    E · Σ_e f_e · P_e, with f_e the fraction of top-k slots and P_e the mean router probability.
+    `router_logits`: per layer `[B·S, E]`; `mask`: `[B, S]`."""
+    keep = mask.reshape(-1).bool()
+    total = torch.zeros((), dtype=torch.float32)
+    for logits in router_logits:
+        probs = logits[keep].float().softmax(-1)  # [T, E]
+        e = probs.shape[-1]
+        idx = probs.topk(top_k, dim=-1).indices
+        frac = torch.zeros(e).scatter_add_(0, idx.reshape(-1), torch.ones(idx.numel())) / (
+            idx.numel()
+        )
+        total = total + e * (frac * probs.mean(0)).sum()
+    return total / max(len(router_logits), 1)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio · lr` at `cfg.steps`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class Trainer:
+    """Owns the model, optimiser and auxiliary head of one run directory."""
+
+    def __init__(self, run: Path, size: ModelSize, cfg: TrainConfig) -> None:
+        self.run, self.size, self.cfg = run, size, cfg
+        run.mkdir(parents=True, exist_ok=True)
+        self.processor = reference_processor()
+        self.encoder = Encoder(self.processor)
+        self.model = build_model(self.processor, size, cfg.seed)
+        self.head = CellHead(size.hidden)
+        self.params = [*self.model.parameters(), *self.head.parameters()]
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(0.9, 0.98),
+        )
+        self.step = 0
+        self.seconds = 0.0
+        self._merged: list[torch.Tensor] = []
+        merger = self.model.model.visual.merger
+        merger.register_forward_hook(lambda m, a, out: self._merged.append(out))
+        self.valid = evaluation_set(cfg.eval_questions, VALID_SEEDS)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "head": self.head.state_dict(),
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "seconds": self.seconds,
+            "size": asdict(self.size),
+            "cfg": asdict(self.cfg),
+        }
+        tmp = self.run / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.run / CHECKPOINT)
+
+    def load(self) -> bool:
+        path = self.run / CHECKPOINT
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.seconds = int(state["step"]), float(state["seconds"])
+        return True
+
+    # -- one step -----------------------------------------------------------------------------
+    def batch(self, step: int) -> Batch:
+        base = step * self.cfg.batch
+        return self.encoder(
+            [
+                make_training_sample(
+                    TRAIN_SEEDS[base + i], self.cfg.questions, self.cfg.text_fraction
+                )
+                for i in range(self.cfg.batch)
+            ]
+        )
+
+    def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        self._merged.clear()
+        out = self.model(**batch.inputs, output_router_logits=True, use_cache=False)
+        logits = out.logits[:, :-1]
+        labels = batch.labels[:, 1:]
+        answer = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        balance = balance_loss(out.router_logits, batch.inputs["attention_mask"], self.size.top_k)
+        loss = answer + self.cfg.balance_coef * balance
+        parts = {"answer": answer, "balance": balance}
+        if self._merged and batch.cell_colors.numel():
+            colors, kinds, quadrants = self.head(self._merged[-1])
+            cells = (
+                F.cross_entropy(colors, batch.cell_colors)
+                + F.cross_entropy(kinds, batch.cell_shapes)
+                + F.cross_entropy(quadrants, cell_quadrants(batch.cell_colors.numel()))
+            )
+            loss = loss + self.cfg.aux_weight * cells
+            parts["cells"] = cells
+        parts["loss"] = loss
+        return parts
+
+    def train_step(self) -> dict[str, float]:
+        batch = self.batch(self.step)
+        lr = lr_at(self.step, self.cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        parts = self.losses(batch)
+        self.opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
+        self.opt.step()
+        self.step += 1
+        row = {k: float(v.detach()) for k, v in parts.items()}
+        row.update(lr=lr, gnorm=float(gnorm), tokens=batch.tokens)
+        return row
+
+    def validate(self) -> dict[str, Any]:
+        self.model.eval()
+        try:
+            res = evaluate(self.model, self.processor, self.valid)
+        finally:
+            self.model.train()
+        return res.as_dict()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self) -> None:
+        resumed = self.load()
+        log.info(
+            "%s run %s at step %d/%d; %d parameters",
+            "resuming" if resumed else "starting",
+            self.run,
+            self.step,
+            self.cfg.steps,
+            parameter_count(self.model),
+        )
+        window: list[dict[str, float]] = []
+        t_last = time.perf_counter()
+        while self.step < self.cfg.steps:
+            t0 = time.perf_counter()
+            row = self.train_step()
+            self.seconds += time.perf_counter() - t0
+            window.append(row)
+            if self.step % 25 == 0 or self.step == self.cfg.steps:
+                mean = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
+                now = time.perf_counter()
+                log.info(
+                    "step %d/%d loss %.4f answer %.4f cells %.4f balance %.3f lr %.2e "
+                    "gnorm %.2f %.2fs/step train %.0fs",
+                    self.step,
+                    self.cfg.steps,
+                    mean["loss"],
+                    mean["answer"],
+                    mean.get("cells", float("nan")),
+                    mean["balance"],
+                    mean["lr"],
+                    mean["gnorm"],
+                    (now - t_last) / len(window),
+                    self.seconds,
+                )
+                window, t_last = [], now
+            if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                res = self.validate()
+                log.info(
+                    "validation step %d: acc %.4f per family %s",
+                    self.step,
+                    res["accuracy"],
+                    json.dumps(res["per_family"]),
+                )
+                with open(self.run / HISTORY, "a") as fh:
+                    fh.write(json.dumps({"step": self.step, "seconds": self.seconds, **res}) + "\n")
+                t_last = time.perf_counter()
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                self.save()
+        log.info("done: %d steps, %.0f s of training", self.step, self.seconds)
+
+
+def export(run: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the run's model as a Hugging Face directory: `dtype` safetensors, config,
+    processor files, and `training.json` (sizes, settings, steps, training seconds)."""
+    state = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False)
+    size = ModelSize(**{k: tuple(v) if k == "deepstack" else v for k, v in state["size"].items()})
+    processor = reference_processor()
+    model = build_model(processor, size)
+    model.load_state_dict(state["model"])
+    model.config.text_config.router_aux_loss_coef = state["cfg"]["balance_coef"]
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(dtype).save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    info = {
+        "size": state["size"],
+        "train": state["cfg"],
+        "steps": state["step"],
+        "train_seconds": round(state["seconds"], 1),
+        "parameters": parameter_count(model),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    for f in fields(cls):
+        name = "--" + f.name.replace("_", "-")
+        if f.name == "deepstack":
+            parser.add_argument(name, type=int, nargs="*", default=None)
+        else:
+            parser.add_argument(name, type=type(f.default), default=None)
+
+
+def _from_args(cls: type, args: argparse.Namespace, stored: dict[str, Any] | None) -> Any:
+    values = dict(stored or {})
+    for f in fields(cls):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = v
+    if "deepstack" in values:
+        values["deepstack"] = tuple(values["deepstack"])
+    return cls(**values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        p = argparse.ArgumentParser(prog="python -m veq.reference.train export")
+        p.add_argument("--run", type=Path, required=True)
+        p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+        a = p.parse_args(argv[1:])
+        print(export(a.run, a.out, getattr(torch, a.dtype)))
+        return
+    p = argparse.ArgumentParser(
+        prog="python -m veq.reference.train",
+        description="Train (or resume) the ShapesVQA reference model in a run directory.",
+    )
+    p.add_argument("--run", type=Path, required=True, help="run directory (resumes if present)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    _add_dataclass_args(p, ModelSize)
+    _add_dataclass_args(p, TrainConfig)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.run.mkdir(parents=True, exist_ok=True)
+    stored = json.loads((args.run / ARGS).read_text()) if (args.run / ARGS).exists() else {}
+    size = _from_args(ModelSize, args, stored.get("size"))
+    cfg = _from_args(TrainConfig, args, stored.get("cfg"))
+    if stored and asdict(size) != {
+        **stored["size"],
+        "deepstack": tuple(stored["size"]["deepstack"]),
+    }:
+        p.error("model sizes differ from the run directory's; use a new --run")
+    (args.run / ARGS).write_text(json.dumps({"size": asdict(size), "cfg": asdict(cfg)}, indent=2))
+    handlers = [logging.StreamHandler(), logging.FileHandler(args.run / LOG)]
+    for h in handlers:
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    try:
+        Trainer(args.run, size, cfg).fit()
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+
+
+if __name__ == "__main__":
+    main()
