@@ -21,8 +21,6 @@ METHODS: tuple[str, ...] = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "ve
 SCALE_METHODS = frozenset({"awq", "mbq", "veq-me", "veq"})
 #: Methods that run GPTQ (plain or on VEQ-MA's weighted Hessian).
 HESSIAN_METHODS = frozenset({"gptq", "veq-ma", "veq"})
-#: Methods whose token weights depend on modality (and so on γ).
-MODALITY_METHODS = frozenset({"mbq", "veq-me", "veq-ma", "veq"})
 
 
 class Recipe(BaseModel):

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -55,7 +55,6 @@ class GenerationRequest:
     # Filled by the engine: where events go.
     _queue: asyncio.Queue[GenerationEvent] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prompt_tokens(self) -> int:

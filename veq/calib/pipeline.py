@@ -52,7 +52,6 @@ from veq.models import (
 from veq.quantizer import QuantizedWeight
 from veq.recipe import (
     HESSIAN_METHODS,
-    MODALITY_METHODS,
     SCALE_METHODS,
     Recipe,
     allocate_expert_bits,
@@ -681,7 +680,3 @@ class _MoEPlan:
     importance: Tensor
     bits: list[int]
     scale: Tensor | None = None
-
-
-def uses_modality(recipe: Recipe) -> bool:
-    return recipe.method in MODALITY_METHODS or recipe.mixed_precision is not None
