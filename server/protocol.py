@@ -212,6 +212,14 @@ class ChatCompletionRequest(_Request):
     stop: Stop | None = Field(
         None, description="Up to 4 strings; generation stops before the first one produced."
     )
+    min_tokens: int = Field(
+        0, ge=0, description="Extension (vLLM): end-of-sequence is not sampled before this many."
+    )
+    ignore_eos: bool = Field(
+        False,
+        description="Extension (vLLM): generate past end-of-sequence until max_tokens or a stop "
+        "string; for fixed-length benchmarks.",
+    )
     stream: bool = Field(False, description="Answer as server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options.")
     n: int = Field(1, description="Choices to generate; only 1 is supported.")

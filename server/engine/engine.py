@@ -21,7 +21,7 @@ import torch
 
 from server.engine.kv import BatchKVCache
 from server.engine.runner import ModelRunner
-from server.engine.sampling import sample
+from server.engine.sampling import sample, suppress_eos
 from server.engine.types import FinishReason, GenerationEvent, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class _Seq:
         """Take one sampled token: the new text to emit and, when done, why."""
         p = self.req.params
         finish: FinishReason | None = None
-        if token in self.runner.eos_ids:
+        if token in self.runner.eos_ids and not p.ignore_eos:
             finish = "stop"
         else:
             self.tokens.append(token)
@@ -269,7 +269,8 @@ class Engine:
                     else None
                 )
                 seq = _Seq(req, runner, pre.next_position, gen)
-                token = sample(pre.logits.unsqueeze(0), [req.params], [gen])[0]
+                logits = suppress_eos(pre.logits.unsqueeze(0), [req.params], [0], runner.eos_ids)
+                token = sample(logits, [req.params], [gen])[0]
                 now = time.monotonic()
                 self.observer.on_first_token(now - req.created)
                 seq.last_token_at = now
@@ -314,9 +315,11 @@ class Engine:
         last = [s.tokens[-1] for s in batch.seqs]
         positions = torch.tensor([s.position for s in batch.seqs])
         logits = batch.runner.decode(last, positions, batch.kv)
-        tokens = sample(
-            logits, [s.req.params for s in batch.seqs], [s.generator for s in batch.seqs]
+        params = [s.req.params for s in batch.seqs]
+        logits = suppress_eos(
+            logits, params, [len(s.tokens) for s in batch.seqs], batch.runner.eos_ids
         )
+        tokens = sample(logits, params, [s.generator for s in batch.seqs])
         now = time.monotonic()
         keep = []
         for i, (seq, token) in enumerate(zip(batch.seqs, tokens, strict=True)):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from server.engine.kv import BatchKVCache
 from veq.models import decoder_layers, get_architecture, get_module
+from veq.models.patch_embed import linearize_patch_embeddings
 
 
 @dataclass
@@ -53,6 +54,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, processor: Any, info: ModelInfo) -> None:
+        linearize_patch_embeddings(model)
         self.model = model.eval()
         self.processor = processor
         self.info = info

@@ -10,6 +10,20 @@ from torch import Tensor
 from server.engine.types import SamplingParams
 
 
+def suppress_eos(
+    logits: Tensor, params: Sequence[SamplingParams], generated: Sequence[int], eos_ids: set[int]
+) -> Tensor:
+    """`logits: [B, V]` with the end-of-sequence ids at -inf in rows that have generated fewer
+    than their `min_tokens` (`generated[b]` tokens so far); unchanged when no row needs it."""
+    rows = [b for b, (p, n) in enumerate(zip(params, generated, strict=True)) if n < p.min_tokens]
+    if not rows or not eos_ids:
+        return logits
+    logits = logits.clone()
+    ids = torch.tensor(sorted(eos_ids), device=logits.device)
+    logits[torch.tensor(rows, device=logits.device)[:, None], ids[None, :]] = float("-inf")
+    return logits
+
+
 def sample(
     logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> list[int]:

@@ -25,6 +25,10 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # vLLM's extensions for fixed-length generation (benchmarks): end-of-sequence is not
+    # sampled before `min_tokens`, and with `ignore_eos` it is kept as a token, not a stop.
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
 
 @dataclass

@@ -107,6 +107,11 @@ class ChatService:
                 code="context_length_exceeded",
             )
         max_tokens = requested if requested is not None else min(cap, limit - prompt)
+        if req.min_tokens > max_tokens:
+            raise bad_request(
+                f"min_tokens ({req.min_tokens}) must not exceed the token limit ({max_tokens})",
+                param="min_tokens",
+            )
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature,
@@ -114,6 +119,8 @@ class ChatService:
             top_k=req.top_k or 0,
             seed=req.seed,
             stop=tuple(req.stop_strings),
+            min_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos,
         )
         return GenerationRequest(inputs=inputs, params=params)
 

@@ -141,6 +141,27 @@ def test_stop_string_and_length(client):
         assert stopped.choices[0].message.content == text[: text.find(stop)]
 
 
+def test_fixed_length_extensions(client):
+    """vLLM's `ignore_eos` and `min_tokens` through the client's extra_body: exactly max_tokens
+    tokens; min_tokens above the limit is a 400 naming the field."""
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "go"}],
+        max_tokens=7,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "go"}],
+            max_tokens=2,
+            extra_body={"min_tokens": 3},
+        )
+    assert err.value.body["param"] == "min_tokens"
+
+
 def test_concurrent_requests_share_a_batch(live, png):
     async def run():
         ac = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key=API_KEY, max_retries=0)

@@ -104,3 +104,46 @@ def test_cancelled_request_leaves_the_batch(setup):
         assert engine.active == 0 and engine.kv_bytes() == 0
     finally:
         engine.stop()
+
+
+def _tokens_and_finish(engine: Engine, inputs: dict, params: SamplingParams):
+    async def run() -> tuple[list[int], str | None]:
+        tokens: list[int] = []
+        finish = None
+        async for event in engine.generate(GenerationRequest(inputs, params)):
+            tokens += event.token_ids
+            finish = event.finish_reason or finish
+        return tokens, finish
+
+    return asyncio.run(run())
+
+
+def test_eos_stops_unless_ignored_and_min_tokens_suppresses_it(setup):
+    model, processor, prompts = setup
+    reference = greedy_reference(model, prompts[0], 6)
+    eos = reference[2]  # pretend the third greedy token ends the sequence
+    runner = ModelRunner(model, processor, ModelInfo("tiny", "none", 16, None, 0))
+    runner.eos_ids = {eos}
+    engine = Engine(runner, max_batch=8)
+    engine.start()
+    try:
+        tokens, finish = _tokens_and_finish(
+            engine, prompts[0], SamplingParams(max_tokens=6, temperature=0)
+        )
+        first_eos = reference.index(eos)
+        assert (tokens, finish) == (reference[: first_eos + 1], "stop")
+
+        # ignore_eos (vLLM's fixed-length mode): the same greedy tokens, all max_tokens of them.
+        tokens, finish = _tokens_and_finish(
+            engine, prompts[0], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        )
+        assert (tokens, finish) == (reference, "length")
+
+        # min_tokens: the end token cannot be sampled before 5 tokens exist.
+        tokens, finish = _tokens_and_finish(
+            engine, prompts[0], SamplingParams(max_tokens=6, temperature=0, min_tokens=5)
+        )
+        assert eos not in tokens[:5] and len(tokens) >= 5
+        assert tokens[:first_eos] == reference[:first_eos]
+    finally:
+        engine.stop()
