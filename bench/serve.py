@@ -5,7 +5,7 @@
 
 Each setting starts its own `veq serve` process (quantized checkpoints come from the cache; RTN
 by default because serving speed does not depend on the method), warms it up, then runs the
-load tester (`server.bench`) with streaming image+text requests. Reports req/s, output tok/s,
+load tester (`server.loadtest`) with streaming image+text requests. Reports req/s, output tok/s,
 TTFT and latency p50/p95/p99, the weight bytes the server reports, and the batching gain
 (output tok/s at the highest concurrency ÷ at concurrency 1).
 """
@@ -14,78 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import device_name, markdown_table, today, write_section  # noqa: E402
 
-from server.bench import LoadConfig, run_load  # noqa: E402
-
-ADMIN = "bench-admin"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(
-    model: str, bits: int, method: str, group: str, cache: str, device: str, threads: int
-) -> tuple[subprocess.Popen, str]:
-    port = _port()
-    cmd = [
-        str(Path(sys.executable).with_name("veq")),
-        "serve",
-        "--model",
-        model,
-        "--bits",
-        str(bits),
-        "--method",
-        method,
-        "--group-size",
-        group,
-        "--port",
-        str(port),
-        "--admin-key",
-        ADMIN,
-        "--device",
-        device,
-        "--max-batch",
-        "32",
-        "--max-queue",
-        "256",
-        "--threads",
-        str(threads),
-    ]
-    log = open(Path(cache) / f"serve-{bits}.log", "w")  # noqa: SIM115 (kept open for the child)
-    proc = subprocess.Popen(cmd, env={**os.environ, "VEQ_CACHE_DIR": cache}, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 1800
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"veq serve exited; see {log.name}")
-        try:
-            r = httpx.get(f"{url}/ready", timeout=2)
-            if r.status_code == 200:
-                return proc, url
-            if "failed to load" in r.text:
-                proc.terminate()
-                raise RuntimeError(r.json()["error"]["message"])
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("server not ready")
+from server.loadtest import LoadConfig, ServeSpec, run_load, spawn_server  # noqa: E402
+from server.loadtest.probe import fetch_stats  # noqa: E402
 
 
 def main() -> None:
@@ -112,13 +50,20 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     rows, gains = [], []
     for bits in (int(b) for b in args.bits.split(",")):
-        proc, url = start_server(
-            args.model, bits, args.method, args.group_size, cache, args.device, args.threads
+        spec = ServeSpec(
+            model=args.model,
+            bits=bits,
+            method=args.method,
+            group_size=None if args.group_size == "channel" else int(args.group_size),
+            cache_dir=cache,
+            device=args.device,
+            threads=args.threads,
+            max_batch=32,
+            max_queue=256,
         )
-        try:
-            stats = httpx.get(
-                f"{url}/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"}
-            ).json()
+        with spawn_server(spec, Path(cache) / f"serve-{bits}.log") as server:
+            url = server.url
+            stats = fetch_stats(url, server.admin_key)
             asyncio.run(
                 run_load(LoadConfig(url, concurrency=2, requests=4, max_tokens=4))
             )  # warm-up
@@ -153,9 +98,6 @@ def main() -> None:
                 )
             lo, hi = per_level[min(levels)], per_level[max(levels)]
             gains.append((bits, hi["output_tok_per_s"] / max(lo["output_tok_per_s"], 1e-9)))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=120)
     table = markdown_table(
         [
             "bits",

@@ -1,4 +1,9 @@
-"""`POST /admin/requantize`, `GET /admin/jobs/{id}`, `GET /admin/stats` (admin key only)."""
+"""`POST /admin/requantize`, `GET /admin/jobs/{id}`, `GET /admin/stats` (admin key only).
+
+`/admin/stats` is what `veq bench` samples: the served quantization, weight bytes with their
+accounting against the packed-size formula (`server.metrics.weight_accounting`), KV-cache bytes
+per token and per full-length sequence, process memory, and batching.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from fastapi.responses import JSONResponse
 from server.api.deps import AdminKey, State, ready_chat
 from server.engine.requant import Job, JobConflict
 from server.errors import conflict, not_found
-from server.metrics import memory_stats
+from server.metrics import kv_cache_geometry, memory_stats, weight_accounting
 from server.protocol import JobProgress, JobStatus, RequantizeRequest
 
 router = APIRouter(prefix="/admin", dependencies=[AdminKey])
@@ -58,7 +63,8 @@ async def job(job_id: str, state: State) -> JobStatus:
 async def stats(state: State) -> dict:
     chat = ready_chat(state)
     engine = chat.engine
-    info = engine.runner.info
+    runner = engine.runner
+    info = runner.info
     recent = engine.batch_sizes[-100:]
     return {
         "model": info.name,
@@ -67,7 +73,11 @@ async def stats(state: State) -> dict:
         "group_size": info.group_size,
         "weight_bytes": info.weight_bytes,
         "checkpoint": info.checkpoint,
+        "device": runner.device.type,
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "weights": weight_accounting(runner.model),
         "kv_cache_bytes": engine.kv_bytes(),
+        "kv_cache": kv_cache_geometry(runner, state.settings.max_model_len),
         "memory": memory_stats(),
         "engine": {
             "running": engine.active,
