@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from server.settings import add_serve_arguments
 from veq import __version__
@@ -44,15 +45,6 @@ def _add_recipe(p: argparse.ArgumentParser, bits_help: str) -> None:
         "--group-size", type=_group_size, default=128, help="32, 64, 128 or 'channel' (default 128)"
     )
     p.add_argument("--calib", default="builtin", help="builtin, a JSONL file, or an HF dataset")
-
-
-def _not_yet(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        raise CLIError(
-            f"'veq {name}' is not yet available in this version (tracked in issue {issue})"
-        )
-
-    return run
 
 
 def _gamma(text: str) -> float | str:
@@ -99,6 +91,83 @@ def _quantize(args: argparse.Namespace) -> int:
     except (UnsupportedModelError, CalibrationError, CheckpointError, ValueError, OSError) as exc:
         raise CLIError(str(exc).splitlines()[0]) from None
     print(result.summary())
+    return 0
+
+
+def _comma(text: str, parse: Callable[[str], Any], what: str) -> tuple[Any, ...]:
+    try:
+        values = tuple(parse(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of {what}: {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"empty list of {what}")
+    return values
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return _comma(text, int, "integers")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return _comma(text, float, "numbers")
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    bits = _ints(text)
+    bad = [b for b in bits if b not in SUPPORTED_BITS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"bits must be among {SUPPORTED_BITS}, got {bad}")
+    return bits
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    methods = _comma(text, str.strip, "methods")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {METHODS}")
+    return methods
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import logging
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from veq.calib.data import CalibrationError
+    from veq.checkpoint import CheckpointError
+    from veq.models import UnsupportedModelError
+    from veq.reference.quality import quality_table, run_quality, settings_grid
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    settings = settings_grid(args.methods, args.bits, args.group_size, args.mixed_precision)
+    try:
+        rows = run_quality(
+            args.model,
+            settings,
+            calib_seeds=args.calib_seed,
+            progress=not args.quiet,
+            samples=args.samples,
+            seed=args.seed,
+            calib=args.calib,
+            calib_samples=args.calib_samples,
+            cache_dir=args.cache_dir,
+            device=args.device,
+        )
+    except ValidationError as exc:
+        raise CLIError("; ".join(e["msg"] for e in exc.errors())) from None
+    except (UnsupportedModelError, CalibrationError, CheckpointError, ValueError, OSError) as exc:
+        raise CLIError(str(exc).splitlines()[0]) from None
+    print(quality_table(rows))
+    if args.json:
+        out = Path(args.json)
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
+            tmp.replace(out)
+        except OSError as exc:
+            raise CLIError(f"cannot write {out}: {exc.strerror or exc}") from None
     return 0
 
 
@@ -167,6 +236,205 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- veq bench ---------------------------------------------------------------------------------
+
+_BENCH_URL = "http://127.0.0.1:8000"
+
+
+def _spawn_bits(text: str) -> tuple[int, ...]:
+    """`bits=16,4,3` (or `16,4,3`) → (16, 4, 3)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        key, value = "bits", key
+    if key.strip() != "bits":
+        raise argparse.ArgumentTypeError(f"expected bits=B[,B...], got {text!r}")
+    try:
+        bits = tuple(int(b) for b in value.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of bits: {value!r}") from None
+    bad = [b for b in bits if b not in (*SUPPORTED_BITS, 16)]
+    if not bits or bad:
+        raise argparse.ArgumentTypeError(
+            f"bits must be among {(*SUPPORTED_BITS, 16)}, got {list(bad or bits)}"
+        )
+    return bits
+
+
+def _bench_command() -> str:
+    """This command line for the report, keys redacted (`veq bench` when not run as `veq`)."""
+    import shlex
+
+    argv = sys.argv[1:]
+    if argv[:1] != ["bench"]:
+        return "veq bench"
+    shown = []
+    for i, arg in enumerate(argv):
+        secret = i > 0 and argv[i - 1] in ("--api-key", "--admin-key")
+        if arg.startswith(("--api-key=", "--admin-key=")):
+            arg = arg.split("=", 1)[0] + "=***"
+        shown.append("***" if secret else arg)
+    return shlex.join(["veq", *shown])
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import os
+    import time
+    from pathlib import Path
+
+    from server.loadtest import BenchError, ServeSpec
+    from server.loadtest.report import write_report
+    from server.loadtest.session import BenchOptions, Setting, run_bench
+
+    for flag, value, low in (
+        ("--concurrency", args.concurrency, 1),
+        ("--requests", args.requests, 1),
+        ("--max-tokens", args.max_tokens, 1),
+        ("--warmup", args.warmup, 0),
+    ):
+        if value is not None and value < low:
+            raise CLIError(f"{flag} must be at least {low}, got {value}")
+    for flag, value in (
+        ("--duration", args.duration),
+        ("--sample-interval", args.sample_interval),
+        ("--ready-timeout", args.ready_timeout),
+    ):
+        if value is not None and value <= 0:
+            raise CLIError(f"{flag} must be positive, got {value}")
+    if args.compare is not None and len(args.compare) < 2:
+        raise CLIError("--compare takes two or more URLs (one server: --url)")
+    api_key = args.api_key or os.environ.get("VEQ_API_KEY") or None
+    if args.spawn:
+        queue = args.concurrency if args.concurrency > 64 else None
+        settings = [
+            Setting(
+                spawn=ServeSpec(
+                    model=args.model or "mini",
+                    bits=bits,
+                    method=args.method,
+                    group_size=args.group_size,
+                    cache_dir=args.cache_dir,
+                    device=args.device,
+                    threads=args.threads,
+                    max_queue=queue,
+                    max_model_len=args.max_model_len,
+                    api_key=api_key,
+                )
+            )
+            for bits in args.spawn
+        ]
+    else:
+        urls = args.compare or [args.url or _BENCH_URL]
+        settings = [Setting(url=u) for u in urls]
+    out = Path(args.out or time.strftime("veq-bench-%Y%m%d-%H%M%S"))
+    opts = BenchOptions(
+        out=out,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        duration=args.duration if args.requests is None else None,
+        max_tokens=args.max_tokens,
+        stream=not args.no_stream,
+        seed=args.seed,
+        model=None if args.spawn else args.model,
+        api_key=api_key,
+        admin_key=args.admin_key or os.environ.get("VEQ_ADMIN_KEY") or None,
+        warmup=args.warmup,
+        sample_interval=args.sample_interval,
+        ready_timeout=args.ready_timeout,
+        progress=not args.no_progress,
+        command=_bench_command(),
+    )
+    try:
+        result = run_bench(settings, opts, write_report)
+    except BenchError as exc:
+        raise CLIError(str(exc)) from None
+    except OSError as exc:
+        raise CLIError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    for s in result.settings:
+        t = s.load.summary()
+        weight = (s.stats or {}).get("weight_bytes", s.target.card.get("weight_bytes"))
+        p50 = t["ttft_s"]["p50"]
+        print(
+            f"{s.target.label}: {t['ok']}/{t['requests']} ok, {t['req_per_s']:.2f} req/s, "
+            f"{t['output_tok_per_s']:.1f} output tok/s, TTFT p50 "
+            + ("–" if p50 is None else f"{1000 * p50:.0f} ms")
+            + ("" if weight is None else f", weights {weight / 2**20:.2f} MiB")
+        )
+    print(f"report: {out / 'report.md'} (and report.json, report.png)")
+    if result.interrupted:
+        print(f"veq: interrupted; partial report in {out}", file=sys.stderr)
+        return 130
+    dead = [s for s in result.settings if s.load.results and not any(r.ok for r in s.load.results)]
+    if dead:
+        first = dead[0].load.results[0]
+        status = f"HTTP {first.status}" if first.status else "no response"
+        why = f"every request to {dead[0].target.label} failed ({status}: {first.error})"
+        print(f"veq: error: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="load-test a running server and report memory and speed",
+        description="Send concurrent image+text chat requests to one server (--url), several "
+        "(--compare) or to `veq serve` processes it starts one setting at a time (--spawn), "
+        "sample /admin/stats, and write DIR/report.json, report.md and report.png: req/s, "
+        "output tok/s, TTFT and latency percentiles, errors, weight bytes against the "
+        "packed-size formula, memory ratios and the KV-cache room the savings free. Ctrl-C "
+        "writes the partial report.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", help=f"a running server (default {_BENCH_URL})")
+    where.add_argument("--compare", nargs="+", metavar="URL", help="several running servers")
+    where.add_argument(
+        "--spawn",
+        type=_spawn_bits,
+        metavar="bits=B[,B...]",
+        help="start one `veq serve` per bit width in turn (e.g. bits=16,4,3)",
+    )
+    p.add_argument("--api-key", help="API key of the server(s) [env VEQ_API_KEY]")
+    p.add_argument(
+        "--admin-key", help="admin key, for memory figures from /admin/stats [env VEQ_ADMIN_KEY]"
+    )
+    p.add_argument(
+        "--model",
+        help="model id to request (default: the first listed); with --spawn, the model to "
+        "serve (default mini)",
+    )
+    p.add_argument("--concurrency", type=int, default=8, help="concurrent clients (default 8)")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--requests", type=int, help="requests per setting")
+    amount.add_argument(
+        "--duration", type=float, default=60.0, help="seconds per setting (default 60)"
+    )
+    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request")
+    p.add_argument("--no-stream", action="store_true", help="non-streaming requests")
+    p.add_argument("--seed", type=int, default=0, help="request mix seed")
+    p.add_argument("--out", help="report directory (default veq-bench-<date>-<time>)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up requests per setting")
+    p.add_argument(
+        "--sample-interval", type=float, default=1.0, help="seconds between /admin/stats samples"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    spawn = p.add_argument_group("with --spawn")
+    spawn.add_argument("--method", choices=METHODS, default="rtn", help="(default rtn)")
+    spawn.add_argument(
+        "--group-size", type=_group_size, default=128, help="32, 64, 128 or 'channel'"
+    )
+    spawn.add_argument("--cache-dir", help="checkpoint cache (default: the server's)")
+    spawn.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    spawn.add_argument("--threads", type=int, help="server CPU threads")
+    spawn.add_argument("--max-model-len", type=int, help="server max tokens per sequence")
+    spawn.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds to wait for each server to load (default 1800)",
+    )
+    p.set_defaults(run=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="veq",
@@ -200,13 +468,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(run=_export)
 
-    p = sub.add_parser("eval", help="quality table of methods × bits on the reference model")
-    p.add_argument("--model", default="mini")
-    p.add_argument("--methods", default="rtn,awq,gptq,mbq,veq-me,veq-ma,veq")
-    p.add_argument("--bits", default="4,3,2")
-    p.add_argument("--group-size", type=_group_size, default=128)
+    p = sub.add_parser(
+        "eval",
+        help="quality table of methods × bits on a ShapesVQA reference model",
+        description="Quantize the model with each method at each width (cached, like `veq "
+        "quantize`), score it on held-out ShapesVQA questions and compare it with the 16-bit "
+        "model: accuracy per family, answer NLL, KL to 16-bit, weight bytes.",
+    )
+    p.add_argument("--model", default="mini", help="'mini' (bundled) or a ShapesVQA model dir")
+    p.add_argument("--methods", type=_methods, default=",".join(METHODS), help="comma list")
+    p.add_argument("--bits", type=_bits_list, default=(4, 3, 2), help="comma list of 2, 3, 4, 8")
+    p.add_argument(
+        "--group-size", type=_group_size, default=128, help="32, 64, 128 or 'channel' (default 128)"
+    )
+    p.add_argument(
+        "--mixed-precision",
+        type=_floats,
+        default=(),
+        metavar="AVG[,AVG]",
+        help="also run every method with expert mixed precision at these average bits",
+    )
+    p.add_argument("--seed", type=int, default=0, help="held-out set offset (default 0)")
+    p.add_argument("--samples", type=int, default=600, help="held-out questions (default 600)")
+    p.add_argument("--calib-seed", type=_ints, default=(0,), help="calibration seed(s), comma list")
+    p.add_argument("--calib", default="builtin", help="builtin, a JSONL file, or an HF dataset")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples")
+    p.add_argument("--cache-dir", help="cache directory (default: $VEQ_CACHE_DIR or ~/.cache/veq)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="device (default: auto)")
     p.add_argument("--json", help="write the rows to this JSON file")
-    p.set_defaults(run=_not_yet("eval", 4))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_eval)
 
     p = sub.add_parser("models", help="list the bundled models")
     p.set_defaults(run=_models)
@@ -219,11 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(p)
     p.set_defaults(run=_serve)
 
-    p = sub.add_parser("bench", help="load-test a running server and report memory and speed")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--duration", type=float, default=60.0, help="seconds")
-    p.set_defaults(run=_not_yet("bench", 7))
+    _add_bench_parser(sub)
     return parser
 
 

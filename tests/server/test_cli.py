@@ -58,12 +58,6 @@ def test_group_size_parsing():
         parser.parse_args(["quantize", "--group-size", "48"])
 
 
-def test_unfinished_subcommand_says_so(capsys):
-    assert main(["bench"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not yet available" in err
-
-
 def test_models_lists_bundled(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out

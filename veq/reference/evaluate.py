@@ -105,15 +105,17 @@ def evaluate(
     call `.eval()` first."""
     samples = list(samples) if samples is not None else heldout_samples(n, seed)
     encoder = Encoder(processor)
-    correct: list[Tensor] = []
-    nll: list[Tensor] = []
-    families: list[str] = []
-    for i in range(0, len(samples), batch_size):
-        scores = score_batch(model, encoder(samples[i : i + batch_size]))
-        correct.append(scores.correct)
-        nll.append(scores.nll)
-        families += scores.families
-    c = torch.cat(correct)
+    scores = [
+        score_batch(model, encoder(samples[i : i + batch_size]))
+        for i in range(0, len(samples), batch_size)
+    ]
+    return summarize(scores)
+
+
+def summarize(scores: Sequence[AnswerScores]) -> EvalResult:
+    """Accuracy per family and overall, and mean answer NLL, over several scored batches."""
+    c = torch.cat([s.correct for s in scores])
+    families = [f for s in scores for f in s.families]
     per_family, per_family_n = {}, {}
     for fam in FAMILIES:
         idx = [i for i, f in enumerate(families) if f == fam]
@@ -123,7 +125,7 @@ def evaluate(
     return EvalResult(
         accuracy=float(c.float().mean()),
         per_family=per_family,
-        answer_nll=float(torch.cat(nll).mean()),
+        answer_nll=float(torch.cat([s.nll for s in scores]).mean()),
         n=len(families),
         per_family_n=per_family_n,
     )
