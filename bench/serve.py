@@ -7,7 +7,8 @@ Each setting starts its own `veq serve` process (quantized checkpoints come from
 by default because serving speed does not depend on the method), warms it up, then runs the
 load tester (`server.loadtest`) with streaming image+text requests. Reports req/s, output tok/s,
 TTFT and latency p50/p95/p99, the weight bytes the server reports, and the batching gain
-(output tok/s at the highest concurrency ÷ at concurrency 1).
+(output tok/s at the highest concurrency ÷ at concurrency 1), for natural answers (they end
+at the model's end token) and fixed-length ones (vLLM's `ignore_eos`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from _report import device_name, markdown_table, today, write_section  # noqa: E
 
 from server.loadtest import LoadConfig, ServeSpec, run_load, spawn_server  # noqa: E402
 from server.loadtest.probe import fetch_stats  # noqa: E402
+
+#: (name, ignore_eos): answers as the model ends them, and fixed-length answers.
+WORKLOADS = (("natural", False), ("fixed", True))
 
 
 def main() -> None:
@@ -67,40 +71,45 @@ def main() -> None:
             asyncio.run(
                 run_load(LoadConfig(url, concurrency=2, requests=4, max_tokens=4))
             )  # warm-up
-            per_level = {}
-            for c in levels:
-                cfg = LoadConfig(
-                    url,
-                    concurrency=c,
-                    requests=c * args.requests_per_client,
-                    max_tokens=args.max_tokens,
-                    seed=c,
-                )
-                s = asyncio.run(run_load(cfg)).summary()
-                per_level[c] = s
-                print(
-                    f"W{bits} c={c:3d}: {s['req_per_s']:.2f} req/s "
-                    f"{s['output_tok_per_s']:.1f} tok/s ttft p50 {s['ttft_s']['p50']:.3f} s "
-                    f"errors {s['errors']}",
-                    flush=True,
-                )
-                rows.append(
-                    [
-                        "16 (unquantized)" if bits == 16 else f"{bits} ({args.method})",
-                        str(c),
-                        f"{s['req_per_s']:.2f}",
-                        f"{s['output_tok_per_s']:.1f}",
-                        "/".join(f"{s['ttft_s'][p]:.3f}" for p in ("p50", "p95", "p99")),
-                        "/".join(f"{s['latency_s'][p]:.3f}" for p in ("p50", "p95", "p99")),
-                        f"{stats['weight_bytes'] / 2**20:.2f}",
-                        str(sum(s["errors"].values())),
-                    ]
-                )
-            lo, hi = per_level[min(levels)], per_level[max(levels)]
-            gains.append((bits, hi["output_tok_per_s"] / max(lo["output_tok_per_s"], 1e-9)))
+            for workload, ignore_eos in WORKLOADS:
+                per_level = {}
+                for c in levels:
+                    cfg = LoadConfig(
+                        url,
+                        concurrency=c,
+                        requests=c * args.requests_per_client,
+                        max_tokens=args.max_tokens,
+                        ignore_eos=ignore_eos,
+                        seed=c,
+                    )
+                    s = asyncio.run(run_load(cfg)).summary()
+                    per_level[c] = s
+                    print(
+                        f"W{bits} {workload} c={c:3d}: {s['req_per_s']:.2f} req/s "
+                        f"{s['output_tok_per_s']:.1f} tok/s ttft p50 {s['ttft_s']['p50']:.3f} s "
+                        f"errors {s['errors']}",
+                        flush=True,
+                    )
+                    rows.append(
+                        [
+                            "16 (unquantized)" if bits == 16 else f"{bits} ({args.method})",
+                            workload,
+                            str(c),
+                            f"{s['req_per_s']:.2f}",
+                            f"{s['output_tok_per_s']:.1f}",
+                            "/".join(f"{s['ttft_s'][p]:.3f}" for p in ("p50", "p95", "p99")),
+                            "/".join(f"{s['latency_s'][p]:.3f}" for p in ("p50", "p95", "p99")),
+                            f"{stats['weight_bytes'] / 2**20:.2f}",
+                            str(sum(s["errors"].values())),
+                        ]
+                    )
+                lo, hi = per_level[min(levels)], per_level[max(levels)]
+                gain = hi["output_tok_per_s"] / max(lo["output_tok_per_s"], 1e-9)
+                gains.append((bits, workload, gain))
     table = markdown_table(
         [
             "bits",
+            "answers",
             "concurrency",
             "req/s",
             "output tok/s",
@@ -111,14 +120,17 @@ def main() -> None:
         ],
         rows,
     )
-    gain_line = ", ".join(f"W{b}: {g:.1f}x" for b, g in gains)
+    gain_line = "; ".join(f"W{b} {w}: {g:.1f}x" for b, w, g in gains)
     print(table)
     print("batching gain (output tok/s, highest ÷ lowest concurrency):", gain_line)
     body = (
         f"## Serving (`bench/serve.py`, {today()})\n\n"
         f"**{device_name('cuda' if args.device == 'cuda' else 'cpu')}**, model `{args.model}`, "
         f"streaming image+text requests (80 % with a 64–160 px image), max_tokens "
-        f"{args.max_tokens}, {args.requests_per_client} requests per client; one `veq serve` "
+        f"{args.max_tokens}, {args.requests_per_client} requests per client, bodies encoded "
+        "before the clock starts. Answers: *natural* ends at the model's end token (`mini` "
+        "answers in one word, so this measures prefill); *fixed* sends vLLM's `ignore_eos` so "
+        f"every request generates {args.max_tokens} tokens (decode). One `veq serve` "
         f"process per setting with `--threads {args.threads}` (the load generator runs on the "
         f"same machine).\n\n{table}\n\nBatching gain, output tok/s at concurrency "
         f"{max(levels)} ÷ concurrency {min(levels)}: {gain_line}.\n"

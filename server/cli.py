@@ -333,6 +333,7 @@ def _bench(args: argparse.Namespace) -> int:
         duration=args.duration if args.requests is None else None,
         max_tokens=args.max_tokens,
         stream=not args.no_stream,
+        ignore_eos=args.ignore_eos,
         seed=args.seed,
         model=None if args.spawn else args.model,
         api_key=api_key,
@@ -410,6 +411,11 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request")
     p.add_argument("--no-stream", action="store_true", help="non-streaming requests")
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="fixed-length answers: every request generates --max-tokens (vLLM's ignore_eos)",
+    )
     p.add_argument("--seed", type=int, default=0, help="request mix seed")
     p.add_argument("--out", help="report directory (default veq-bench-<date>-<time>)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests per setting")

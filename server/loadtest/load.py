@@ -53,6 +53,8 @@ class LoadConfig:
     image_fraction: float = 0.8
     prompt_words: tuple[int, int] = (3, 24)
     timeout: float = 300.0
+    # vLLM's fixed-length mode: every request generates exactly `max_tokens` (decode-bound).
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -176,12 +178,15 @@ def _error_text(body: bytes | str) -> str:
         return text[:200]
 
 
-async def _one(client: httpx.AsyncClient, cfg: LoadConfig, model: str, index: int) -> RequestResult:
-    messages = make_messages(cfg, index)
-    has_image = any(p["type"] == "image_url" for p in messages[0]["content"])
+#: Bodies built ahead of a duration run, reused in turn (a count run builds exactly its own).
+DURATION_POOL = 256
+
+
+def request_body(cfg: LoadConfig, model: str, index: int) -> dict[str, Any]:
+    """Request `index`'s JSON body: deterministic from (seed, index)."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": messages,
+        "messages": make_messages(cfg, index),
         "max_tokens": cfg.max_tokens,
         "temperature": 0.7,
         "seed": cfg.seed + index,
@@ -189,6 +194,13 @@ async def _one(client: httpx.AsyncClient, cfg: LoadConfig, model: str, index: in
     }
     if cfg.stream:
         body["stream_options"] = {"include_usage": True}
+    if cfg.ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+async def _one(client: httpx.AsyncClient, cfg: LoadConfig, body: dict[str, Any]) -> RequestResult:
+    has_image = any(p["type"] == "image_url" for p in body["messages"][0]["content"])
     t0 = time.perf_counter()
     ttft = None
 
@@ -265,6 +277,13 @@ async def run_load(
         base_url=cfg.url, headers=headers, timeout=cfg.timeout, limits=limits
     ) as client:
         model = cfg.model or await first_model(client)
+        # Encoding images is the client's work, not the server's: done before the clock starts
+        # (as vLLM's benchmark does), so the load generator does not compete with the server
+        # for the CPU while it is being measured.
+        bodies = [
+            request_body(cfg, model, i)
+            for i in range(cfg.requests if cfg.requests is not None else DURATION_POOL)
+        ]
         counter = iter(range(10**12))
         report.started = start = time.perf_counter()
         deadline = start + cfg.duration if cfg.duration else None
@@ -276,7 +295,7 @@ async def run_load(
                     return
                 if deadline is not None and time.perf_counter() >= deadline:
                     return
-                result = await _one(client, cfg, model, index)
+                result = await _one(client, cfg, bodies[index % len(bodies)])
                 report.results.append(result)
                 if on_result is not None:
                     on_result(result)

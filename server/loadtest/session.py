@@ -37,6 +37,7 @@ class BenchOptions:
     duration: float | None = 60.0
     max_tokens: int = 32
     stream: bool = True
+    ignore_eos: bool = False
     seed: int = 0
     model: str | None = None  # the model id to request (default: the first listed)
     api_key: str | None = None
@@ -55,6 +56,7 @@ class BenchOptions:
             duration=None if self.requests is not None else self.duration,
             max_tokens=self.max_tokens,
             stream=self.stream,
+            ignore_eos=self.ignore_eos,
             seed=self.seed,
             model=model,
             api_key=self.api_key,

@@ -145,6 +145,16 @@ def test_compare_report_adds_up(server_factory, tiny_dir, tmp_path):
     assert m4["saved_vs_fp16_bytes"] == 2 * q - m4["quantized_bytes"] > 0
 
 
+def test_ignore_eos_gives_fixed_length_answers(live, tmp_path):
+    """`--ignore-eos`: every request generates exactly --max-tokens, as the report counts."""
+    out = tmp_path / "fixed"
+    args = ["bench", "--url", live.url, *KEYS, "--requests", "6", "--concurrency", "3"]
+    args += ["--max-tokens", "5", "--ignore-eos", "--warmup", "0", "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0
+    (s,) = json.loads((out / "report.json").read_text())["settings"]
+    assert s["throughput"]["ok"] == 6 and s["throughput"]["completion_tokens"] == 30
+
+
 def test_interrupt_writes_partial_report(live, tmp_path, monkeypatch):
     """KeyboardInterrupt raised inside the load (as asyncio delivers Ctrl-C on 3.10)."""
     import server.loadtest.load as load
