@@ -1,0 +1,170 @@
+"""The quality table: every method at W4/W3/W2 (g128 and g64) and mixed precision, on `mini`.
+
+    python bench/quality.py [--model mini] [--methods rtn,awq,...] [--bits 4,3,2]
+                            [--groups 128,64] [--mixed 2.5,3] [--mixed-methods veq]
+                            [--calib-seeds 0,1,2] [--samples 600] [--jobs 2] [--no-write]
+
+Each setting is quantized through `veq.api.quantize` (cached under `--cache-dir`) once per
+calibration seed and scored on the same held-out questions against the 16-bit model
+(`veq.reference.quality`). RTN uses no calibration data, so it runs once. Rows report the mean
+and the spread (min–max) over seeds of exact-match accuracy and KL to the 16-bit model, the
+worst family, answer NLL and the bytes of the quantized linears. All rows go to
+`bench/results/quality.json`; the table goes to BENCHMARKS.md (section `quality`).
+`--jobs N` splits the settings over N processes (one torch thread each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+# The repository first: bench/kernels.py would otherwise shadow the `kernels` package.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from _report import device_name, markdown_table, today, write_section  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
+
+_run: Any = None  # the worker process's QualityRun
+
+
+def _init(options: dict[str, Any]) -> None:
+    import torch
+
+    from veq.reference.quality import QualityRun
+
+    torch.set_num_threads(1)
+    global _run
+    _run = QualityRun(**options)
+
+
+def _evaluate(job: tuple[Any, int]) -> dict[str, Any]:
+    setting, seed = job
+    return _run.evaluate(setting, seed).as_dict()
+
+
+def _base() -> dict[str, Any]:
+    return _run.base_row().as_dict()
+
+
+def _spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    lo, hi = min(values) * scale, max(values) * scale
+    return f"{mean:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """One table row per (method, bits, group, mixed): means and min–max over seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["method"], r["bits"], r["group_size"], r["mixed_precision"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (method, bits, group, mixed), rs in groups.items():
+        acc = [r["accuracy"] for r in rs]
+        fams = rs[0]["per_family"]
+        worst = min(fams, key=lambda f: statistics.fmean(r["per_family"][f] for r in rs))
+        worst_acc = statistics.fmean(r["per_family"][worst] for r in rs)
+        out.append(
+            [
+                method,
+                f"mp{bits:g}" if mixed else f"{bits:g}",
+                str(group) if group else "-",
+                str(len(rs)),
+                _spread(acc, 100),
+                f"{worst} {100 * worst_acc:.1f}",
+                f"{statistics.fmean(r['answer_nll'] for r in rs):.4f}",
+                _spread([r["kl"] for r in rs], 1, 4),
+                f"{rs[0]['weight_bytes'] / 2**20:.3f}",
+            ]
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="mini")
+    ap.add_argument("--methods", default="rtn,awq,gptq,mbq,veq-me,veq-ma,veq")
+    ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--groups", default="128,64")
+    ap.add_argument("--mixed", default="2.5,3", help="mixed-precision averages ('' for none)")
+    ap.add_argument("--mixed-methods", default="veq")
+    ap.add_argument("--calib-seeds", default="0,1,2")
+    ap.add_argument("--samples", type=int, default=600, help="held-out questions")
+    ap.add_argument("--seed", type=int, default=1000, help="held-out offset")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/veq-bench-quality"))
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    from veq.reference.quality import Setting
+
+    seeds = [int(s) for s in args.calib_seeds.split(",")]
+    groups = [None if g == "channel" else int(g) for g in args.groups.split(",")]
+    settings = [
+        Setting(m, int(b), g)
+        for g in groups
+        for b in args.bits.split(",")
+        for m in args.methods.split(",")
+    ]
+    mixed = [float(a) for a in args.mixed.split(",") if a]
+    mixed_methods = args.mixed_methods.split(",")
+    settings += [Setting(m, a, groups[0], True) for a in mixed for m in mixed_methods]
+    jobs = [(s, c) for s in settings for c in (seeds[:1] if s.method == "rtn" else seeds)]
+    options = {
+        "model": args.model,
+        "samples": args.samples,
+        "seed": args.seed,
+        "calib_samples": args.calib_samples,
+        "cache_dir": args.cache_dir,
+        "device": "cpu",
+    }
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(args.jobs, initializer=_init, initargs=(options,)) as pool:
+        for i, row in enumerate(pool.map(_evaluate, jobs), 1):
+            rows.append(row)
+            print(
+                f"[{i}/{len(jobs)} {time.perf_counter() - t0:6.0f} s] {row['method']} "
+                f"{'mp' if row['mixed_precision'] else 'w'}{row['bits']:g} g{row['group_size']} "
+                f"calib {row['calib_seed']}: acc {100 * row['accuracy']:.1f} kl {row['kl']:.4f}",
+                flush=True,
+            )
+        base = pool.submit(_base).result()
+    rows.insert(0, base)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
+
+    header = ["method", "bits", "group", "seeds", "accuracy %", "worst family %", "answer NLL"]
+    header += ["KL to 16-bit", "quantized MiB"]
+    table = markdown_table(header, summarize(rows))
+    print(table)
+    fam = ", ".join(f"{k} {100 * v:.1f}" for k, v in base["per_family"].items())
+    body = (
+        f"## Quality on the reference model (`bench/quality.py`, {today()})\n\n"
+        f"**{device_name('cpu')}**, model `{args.model}`, {args.samples} held-out questions "
+        f"(offset {args.seed}), calibration: built-in set, {args.calib_samples} samples, seeds "
+        f"{args.calib_seeds} (RTN uses none: one run). Accuracy and KL are the mean and, in "
+        "brackets, the min–max over seeds; KL(16-bit ‖ quantized) is per answer position in nats; "
+        "'quantized MiB' counts the quantized linears only (codes + scales + zero points). "
+        f"16-bit: {100 * base['accuracy']:.1f} % ({fam}); its linears take "
+        f"{base['weight_bytes'] / 2**20:.3f} MiB. {len(jobs)} quantizations in "
+        f"{(time.perf_counter() - t0) / 60:.0f} min with {args.jobs} processes.\n\n{table}\n"
+    )
+    if not args.no_write:
+        write_section("quality", body)
+        print("wrote BENCHMARKS.md and", RESULTS)
+
+
+if __name__ == "__main__":
+    main()
