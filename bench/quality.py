@@ -142,8 +142,6 @@ def main() -> None:
             )
         base = pool.submit(_base).result()
     rows.insert(0, base)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
 
     header = ["method", "bits", "group", "seeds", "accuracy %", "worst family %", "answer NLL"]
     header += ["KL to 16-bit", "quantized MiB"]
@@ -162,6 +160,8 @@ def main() -> None:
         f"{(time.perf_counter() - t0) / 60:.0f} min with {args.jobs} processes.\n\n{table}\n"
     )
     if not args.no_write:
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
         write_section("quality", body)
         print("wrote BENCHMARKS.md and", RESULTS)
 

@@ -1,19 +1,24 @@
 """The Python API: `veq.quantize(...)` and `veq.load(...)`. The CLI is a thin layer over it.
 
-Owns resolving a model (path, Hugging Face id, or an in-memory module with its processor), the
-calibration set, the cache key (model fingerprint + recipe + calibration fingerprint), and the
-order of work: cache hit → done; else γ → calibrate → save atomically.
+Owns resolving a model (path, Hugging Face id, bundled name, `synthetic:NAME[?...]` spec, or an
+in-memory module with its processor), the calibration set, the cache key (model fingerprint +
+recipe + calibration fingerprint), and the order of work: cache hit → done; else γ → calibrate →
+save atomically. A synthetic model (`veq.models.synthetic`) resolves to a small directory
+without weights; its fingerprint is its spec, and it is built (on the device) only on a miss.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -23,10 +28,12 @@ from veq.calib.data import conversations, encode_conversation, fingerprint
 from veq.calib.gamma import resolve_gamma
 from veq.calib.pipeline import Calibrator, QuantReport
 from veq.checkpoint import REPORT, load_checkpoint, save_checkpoint, verify
-from veq.models import get_architecture, image_token_id
+from veq.models import get_architecture, image_token_id, synthetic
 from veq.recipe import Recipe
 
 log = logging.getLogger(__name__)
+# bench/gpu_suite.py reads the "... in X s" INFO lines below from `veq serve` logs to say where
+# a run's time went; keep their wording (model ready / calibrated / checkpoint written / loaded).
 
 CACHE_ENV = "VEQ_CACHE_DIR"
 
@@ -35,7 +42,11 @@ BUNDLED: dict[str, Path] = {"mini": Path(__file__).resolve().parent / "reference
 
 
 def resolve_model(model: str | Path) -> Path:
-    """A bundled name, a local directory, or a Hugging Face id (downloaded only on demand)."""
+    """A bundled name, a `synthetic:NAME[?k=v&...]` spec (materialised as a directory without
+    weights, see `veq.models.synthetic`), a local directory, or a Hugging Face id (downloaded
+    only on demand)."""
+    if synthetic.is_spec(model):
+        return synthetic.materialize(str(model))
     if str(model) in BUNDLED:
         path = BUNDLED[str(model)]
         if not (path / "config.json").is_file():
@@ -60,7 +71,13 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 def model_fingerprint(model: nn.Module | str | Path) -> str:
     """Cheap identity of a model: its config, and per tensor name, shape, dtype and sum (in
-    memory) or per weight file name, size and head/tail bytes (on disk)."""
+    memory) or per weight file name, size and head/tail bytes (on disk). A synthetic model (spec
+    or materialised directory) is a pure function of its spec: that is its identity, so nothing
+    is hashed over its (possibly 31 B) parameters."""
+    if synthetic.is_spec(model):
+        return synthetic.parse_spec(str(model)).fingerprint()
+    if not isinstance(model, nn.Module) and synthetic.is_synthetic_dir(model):
+        return synthetic.fingerprint(model)
     h = hashlib.sha256()
     if isinstance(model, nn.Module):
         h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -125,15 +142,25 @@ def load_processor(path: str | Path) -> Any:
 
 
 def load_model(path: str | Path, device: torch.device) -> nn.Module:
-    """A full-precision Hugging Face model (fp32 on CPU, its own dtype on GPU), on CPU."""
+    """A full-precision Hugging Face model (fp32 on CPU, its own dtype on GPU), on CPU.
+
+    A synthetic directory is built with random weights directly on `device` instead (a 31 B
+    model is never materialised on the host)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    t0 = time.perf_counter()
+    if synthetic.is_synthetic_dir(path):
+        model = synthetic.build_model(Path(path), device)
+        log.info("model %s ready on %s in %.1f s", Path(path).name, device, _since(t0))
+        return model
     dtype = torch.float32 if device.type == "cpu" else "auto"
     for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
         try:
-            return auto.from_pretrained(str(path), dtype=dtype).eval()
+            model = auto.from_pretrained(str(path), dtype=dtype).eval()
         except ValueError:
             continue
+        log.info("model %s ready on cpu in %.1f s", Path(path).name, _since(t0))
+        return model
     raise ValueError(f"{path} is not a model transformers can load")
 
 
@@ -170,26 +197,38 @@ def quantize(
         **recipe_options,
     )
     dev = resolve_device(device)
+    source: nn.Module | None
+    loaded_here = False
     if isinstance(model, nn.Module):
         if processor is None:
             raise ValueError("quantizing an in-memory model needs its processor")
         source = model
         model_name = getattr(model.config, "_name_or_path", "") or model.config.model_type
+        model_fp, config = model_fingerprint(source), source.config
     else:
         path = resolve_model(model)
         processor = processor or load_processor(path)
-        source = load_model(path, dev)
         model_name = path.name
-    arch = get_architecture(source)
-    token = image_token_id(source, arch)
+        loaded_here = True
+        if synthetic.is_synthetic_dir(path):
+            # Key from the spec; the (possibly 31 B-parameter) model is built only on a miss.
+            from transformers import AutoConfig
+
+            source, model_fp = None, model_fingerprint(path)
+            config = AutoConfig.from_pretrained(str(path))
+        else:
+            source = load_model(path, dev)
+            model_fp, config = model_fingerprint(source), source.config
+    probe: Any = source if source is not None else SimpleNamespace(config=config)
+    arch = get_architecture(probe)
+    token = image_token_id(probe, arch)
     convs = conversations(calib, samples, seed)
     calib_samples = [
         encode_conversation(processor, c, token if token is not None else -1) for c in convs
     ]
     calib_fp = fingerprint(calib_samples)
-    key = hashlib.sha256(
-        (model_fingerprint(source) + recipe.model_dump_json() + calib_fp).encode()
-    ).hexdigest()[:16]
+    identity = model_fp + recipe.model_dump_json() + calib_fp
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     target = (
         Path(out)
         if out is not None
@@ -201,6 +240,8 @@ def quantize(
             return Quantized(target, json.loads((target / REPORT).read_text()), cached=True)
         log.warning("cache entry %s is incomplete or corrupt; rebuilding it", target.name)
 
+    if source is None:
+        source = load_model(path, dev)
     g, g_source, ratios, detail = resolve_gamma(
         source, calib_samples, recipe.gamma, recipe.gamma_fallback, dev
     )
@@ -217,8 +258,31 @@ def quantize(
     )
     calibrator.report.gamma_detail = detail
     result = calibrator.run()
+    log.info(
+        "calibrated %d layers (%s) in %.1f s",
+        result.report.layers,
+        recipe.label,
+        result.report.seconds,
+    )
+    t0 = time.perf_counter()
     save_checkpoint(source, result, target, processor=processor, calib_fingerprint=calib_fp)
+    log.info("checkpoint written to %s in %.1f s", target.name, _since(t0))
+    if loaded_here:
+        # The caller loads the checkpoint next: free the full-precision model (on a GPU, 62 GB
+        # at 30 B) and the host copy of the codes first, cycles included.
+        del source, probe, calibrator, result
+        _release(dev)
     return Quantized(target, json.loads((target / REPORT).read_text()), cached=False)
+
+
+def _since(t0: float) -> float:
+    return time.perf_counter() - t0
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def load(
@@ -226,7 +290,9 @@ def load(
 ) -> tuple[nn.Module, Any]:
     """A ready quantized model (quantized modules in place) and its processor."""
     dev = resolve_device(device)
+    t0 = time.perf_counter()
     model = load_checkpoint(path, device=dev, dtype=dtype)
+    log.info("checkpoint %s loaded on %s in %.1f s", Path(path).name, dev, _since(t0))
     return model, load_processor(path)
 
 
