@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,10 +223,14 @@ def quantize(
     probe: Any = source if source is not None else SimpleNamespace(config=config)
     arch = get_architecture(probe)
     token = image_token_id(probe, arch)
-    convs = conversations(calib, samples, seed)
-    calib_samples = [
-        encode_conversation(processor, c, token if token is not None else -1) for c in convs
-    ]
+    source_id = str(path) if loaded_here else id(processor)
+    calib_samples = _memo(
+        ("calib", source_id, calib, _mtime(calib), samples, seed, token),
+        lambda: [
+            encode_conversation(processor, c, token if token is not None else -1)
+            for c in conversations(calib, samples, seed)
+        ],
+    )
     calib_fp = fingerprint(calib_samples)
     identity = model_fp + recipe.model_dump_json() + calib_fp
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -242,8 +247,9 @@ def quantize(
 
     if source is None:
         source = load_model(path, dev)
-    g, g_source, ratios, detail = resolve_gamma(
-        source, calib_samples, recipe.gamma, recipe.gamma_fallback, dev
+    g, g_source, ratios, detail = _memo(
+        ("gamma", model_fp, calib_fp, recipe.gamma, recipe.gamma_fallback, dev.type),
+        lambda: resolve_gamma(source, calib_samples, recipe.gamma, recipe.gamma_fallback, dev),
     )
     calibrator = Calibrator(
         source,
@@ -273,6 +279,30 @@ def quantize(
         del source, probe, calibrator, result
         _release(dev)
     return Quantized(target, json.loads((target / REPORT).read_text()), cached=False)
+
+
+#: This process's encoded calibration sets and measured γ, newest last. `veq eval` and the
+#: quality bench quantize one model many times with the same data; both are pure functions of
+#: their key (a JSONL calibration file's modification time is part of it).
+_MEMO: OrderedDict[tuple, Any] = OrderedDict()
+_MEMO_SIZE = 8
+
+
+def _memo(key: tuple, make: Callable[[], Any]) -> Any:
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key]
+    value = _MEMO[key] = make()
+    while len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return value
+
+
+def _mtime(calib: str) -> int | None:
+    try:
+        return os.stat(calib).st_mtime_ns
+    except OSError:  # builtin, hf:NAME, or missing (conversations() reports that)
+        return None
 
 
 def _since(t0: float) -> float:
