@@ -139,6 +139,20 @@ class PackedWeight:
             zero=None if self.zero is None else self.zero[e],
         )
 
+    def select(self, experts: Tensor) -> PackedWeight:
+        """Experts `experts` (int64 `[S]` local indices) of a stacked weight, stacked `[S, ...]`."""
+        if self.num_experts is None:
+            raise ValueError("not a stacked expert weight")
+        return replace(
+            self,
+            qweight=self.qweight.index_select(0, experts),
+            qweight_hi=None
+            if self.qweight_hi is None
+            else self.qweight_hi.index_select(0, experts),
+            scale=self.scale.index_select(0, experts),
+            zero=None if self.zero is None else self.zero.index_select(0, experts),
+        )
+
     def to(self, device: torch.device | str) -> PackedWeight:
         return replace(
             self,
@@ -176,8 +190,10 @@ def _unpack_plane(words: Tensor, bits: int) -> Tensor:
     per = 32 // bits
     *lead, w, n = words.shape
     out = torch.empty(*lead, w, per, n, dtype=torch.int32, device=words.device)
-    for j in range(per):  # one pass per slot, written in place (large temporaries are slow on CPU)
-        torch.bitwise_right_shift(words, j * bits, out=out[..., j, :])
+    # All slots in one broadcast op written in place: a per-slot loop is 16–32 ops per weight,
+    # which dominates a CPU decode step of a small model.
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    torch.bitwise_right_shift(words.unsqueeze(-2), shifts[:, None], out=out)
     out &= (1 << bits) - 1
     return out.reshape(*lead, w * per, n)
 

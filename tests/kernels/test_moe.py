@@ -113,8 +113,13 @@ def test_ids_outside_the_layer_contribute_nothing():
     assert_close(fused_moe_reference(x, dropped, wt, w), ref, torch.float16)
 
 
-def test_reference_equals_plain_float_moe():
-    """The reference is the formula: Σ_j w_j · down(silu(gate x) · up x), per token."""
+@pytest.mark.parametrize("chunk", [16, 2])
+def test_reference_equals_plain_float_moe(chunk, monkeypatch):
+    """The reference is the formula: Σ_j w_j · down(silu(gate x) · up x), per token, however
+    many routed experts it dequantizes at a time (mixed bit-width groups included)."""
+    import kernels.moe.reference as reference
+
+    monkeypatch.setattr(reference, "DEQUANT_CHUNK", chunk)
     case = Case(5, 3, 6, 64, 32, (4, 2), 32, False, skip=(2,))
     w = _weights(case)
     ids, wt = random_routing(case.t, case.k, case.experts, seed=1, skip=case.skip)
