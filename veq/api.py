@@ -271,7 +271,9 @@ def quantize(
         result.report.seconds,
     )
     t0 = time.perf_counter()
-    save_checkpoint(source, result, target, processor=processor, calib_fingerprint=calib_fp)
+    save_checkpoint(
+        source, result, target, processor=processor, calib_fingerprint=calib_fp, device=dev
+    )
     log.info("checkpoint written to %s in %.1f s", target.name, _since(t0))
     if loaded_here:
         # The caller loads the checkpoint next: free the full-precision model (on a GPU, 62 GB

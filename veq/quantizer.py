@@ -119,6 +119,14 @@ class QuantizedWeight:
     zero: Tensor | None
     cfg: QuantConfig
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.codes.to(device),
+            self.scale.to(device),
+            None if self.zero is None else self.zero.to(device),
+            self.cfg,
+        )
+
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
