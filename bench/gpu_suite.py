@@ -18,8 +18,8 @@ Steps, each one `veq bench --spawn bits=B --model synthetic:qwen3-vl-30b-a3b?lay
 (one `veq serve` process: build or quantize, load, warm up, timed load test, stop):
 
 0. preflight: nvidia-smi (device, driver, free memory), host RAM, disk for the checkpoints, the
-   imports `veq serve` needs, and a micro-benchmark of the CPU-side checkpoint packing at the
-   real expert shapes, which sets L (`--layers auto`) so the whole run fits `--budget-s`.
+   imports `veq serve` needs, and a micro-benchmark of the checkpoint packing on the serving
+   device at the real expert shapes, which sets L (`--layers auto`) so the run fits `--budget-s`.
 1. `w16-full`: 16-bit with all 48 layers (62 GB of bf16 weights): it must fit beside the KV cache
    and activations on an 80 GB H100 and serve every request.
 2. `w16`, `w4`, `w3`: 16-, 4- and 3-bit RTN at L layers (the same model, so speed and memory
@@ -31,11 +31,12 @@ Steps, each one `veq bench --spawn bits=B --model synthetic:qwen3-vl-30b-a3b?lay
    report.md, each step's own `veq bench` report and logs) and as the `gpu-suite` section of
    BENCHMARKS.md with the device name and date.
 
-Why L < 48 for the quantized steps: memory would allow 48 layers (W4 is 18 GB), but today the
-checkpoint is packed on the CPU at save and unpacked and repacked on the CPU at load, in torch
-ops over int64 copies of the codes: tens of milliseconds per expert matrix, 384 of them per layer
-(18.6 k per model), i.e. tens of seconds per layer and setting. The preflight measures that cost
-on the host and picks the depth that fits; the report states it.
+Why L may be < 48 for the quantized steps: memory allows 48 layers (W4 is 18 GB); time may not.
+Checkpoints are packed at save and unpacked and repacked into the kernel layout at load on the
+serving device (`veq.checkpoint`), in torch ops over int64 copies of the codes: 384 expert
+matrices per layer, 18.6 k per model. On a CPU that is tens of seconds per layer; on a GPU it
+should be well under one (never measured yet). The preflight measures it on the device and picks
+the depth that fits; the report states it.
 
 A run must show: no OOM at 48 layers in 16 bits with requests in flight; peak GPU memory near
 the arithmetic (weights + KV + activations); W4/W3 weight bytes equal to the packed-size formula;
@@ -168,13 +169,14 @@ def shapes(spec: str) -> Shapes:
     )
 
 
-# -- the CPU packing probe -------------------------------------------------------------------
+# -- the packing probe -----------------------------------------------------------------------
 
 
-def probe_packing(s: Shapes, bits: int, group: int, sample: int = 4) -> float:
-    """Seconds per decoder layer the host spends packing a checkpoint (save) and unpacking and
-    repacking it into the kernel layout (load) at `bits`, timed on `sample` experts of the real
-    shapes and scaled to every expert and the attention projections of one layer."""
+def probe_packing(s: Shapes, bits: int, group: int, device: str, sample: int = 4) -> float:
+    """Seconds per decoder layer spent packing a checkpoint (save) and unpacking and repacking
+    it into the kernel layout (load) at `bits` on `device` (where `veq` does it: the serving
+    device), timed on `sample` experts of the real shapes and scaled to every expert and the
+    attention projections of one layer."""
     import torch
 
     from veq.config import QuantConfig
@@ -194,12 +196,23 @@ def probe_packing(s: Shapes, bits: int, group: int, sample: int = 4) -> float:
         return QuantizedWeight(codes, scale, zero, cfg)
 
     h, i = s.hidden, s.moe_intermediate
-    gate = [weight(i, h) for _ in range(sample)]
-    up = [weight(i, h) for _ in range(sample)]
-    down = [weight(h, i) for _ in range(sample)]
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device)
+    if dev.type == "auto":
+        dev = torch.device("cpu")
+    gate = [weight(i, h).to(dev) for _ in range(sample)]
+    up = [weight(i, h).to(dev) for _ in range(sample)]
+    down = [weight(h, i).to(dev) for _ in range(sample)]
+
+    def once() -> None:
+        un = [unpack_weight(pack_weight(w), cfg) for w in gate + up + down]
+        QuantMoEExperts.from_quantized(un[:sample], un[sample : 2 * sample], un[2 * sample :])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if dev.type == "cuda":
+        once()  # kernel launches' first-call costs are not per layer
     t0 = time.perf_counter()
-    un = [unpack_weight(pack_weight(w), cfg) for w in gate + up + down]
-    QuantMoEExperts.from_quantized(un[:sample], un[sample : 2 * sample], un[2 * sample :])
+    once()
     per_expert = (time.perf_counter() - t0) / sample
     attention_per_layer = s.attention / max(s.layers, 1)
     return per_expert * (s.num_experts + attention_per_layer / (3 * h * i))
@@ -228,7 +241,7 @@ def estimate(step: Step, s: Shapes, pack_s: dict[int, float], opts: argparse.Nam
     if step.bits != 16:
         ckpt = s.checkpoint_bytes(step.bits, opts.group_size) / 1e9
         parts["calibrate"] = T_CALIB_SET + CAL_S_PER_LAYER * step.layers
-        parts["pack + unpack (CPU)"] = pack_s[step.bits] * step.layers
+        parts["pack + unpack"] = pack_s[step.bits] * step.layers
         parts["disk + checksums"] = 4 * ckpt / DISK_GBPS
         parts["to GPU"] = s.weight_bytes(step.bits, opts.group_size) / 1e9 / PCIE_GBPS
         parts["load test"] += T_JIT
@@ -766,8 +779,8 @@ def render(
             "",
             time_table(results, timing),
             "",
-            f"CPU-side checkpoint packing (save) and unpacking + kernel repacking (load), "
-            f"measured on this host per decoder layer: {pack}; the quantized steps' depth "
+            f"Checkpoint packing (save) and unpacking + kernel repacking (load), "
+            f"measured on the serving device per decoder layer: {pack}; the quantized steps' depth "
             f"follows from it.",
             "",
             "Memory arithmetic (served weights: b-bit codes + a 16-bit scale and a one-byte "
@@ -865,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         else {"device": opts.device, "gpu": opts.device, "cpus": os.cpu_count()}
     )
     t0 = time.time()
-    pack_s = {b: probe_packing(full, b, opts.group_size) for b in opts.bits if b != 16}
+    pack_s = {b: probe_packing(full, b, opts.group_size, opts.device) for b in opts.bits if b != 16}
     timing["preflight"] = round(time.time() - t_start, 1)
     layers, shapes_at = choose_layers(opts, full, pack_s, time.time() - t_start)
     steps = check_resources(
