@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from veq.calib.data import conversations, encode_conversation, fingerprint
+from veq.calib.data import check_source, conversations, encode_conversation, fingerprint
 from veq.calib.gamma import resolve_gamma
 from veq.calib.pipeline import Calibrator, QuantReport
 from veq.checkpoint import REPORT, load_checkpoint, save_checkpoint, verify
@@ -223,15 +223,20 @@ def quantize(
     probe: Any = source if source is not None else SimpleNamespace(config=config)
     arch = get_architecture(probe)
     token = image_token_id(probe, arch)
-    source_id = str(path) if loaded_here else id(processor)
-    calib_samples = _memo(
-        ("calib", source_id, calib, _mtime(calib), samples, seed, token),
-        lambda: [
-            encode_conversation(processor, c, token if token is not None else -1)
-            for c in conversations(calib, samples, seed)
-        ],
-    )
-    calib_fp = fingerprint(calib_samples)
+    if recipe.data_free:
+        check_source(calib)
+        log.info("%s needs no calibration data: the calibration set is not read", recipe.label)
+        calib_samples, calib_fp = [], "data-free"
+    else:
+        source_id = str(path) if loaded_here else id(processor)
+        calib_samples = _memo(
+            ("calib", source_id, calib, _mtime(calib), samples, seed, token),
+            lambda: [
+                encode_conversation(processor, c, token if token is not None else -1)
+                for c in conversations(calib, samples, seed)
+            ],
+        )
+        calib_fp = fingerprint(calib_samples)
     identity = model_fp + recipe.model_dump_json() + calib_fp
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     target = (
@@ -247,10 +252,14 @@ def quantize(
 
     if source is None:
         source = load_model(path, dev)
-    g, g_source, ratios, detail = _memo(
-        ("gamma", model_fp, calib_fp, recipe.gamma, recipe.gamma_fallback, dev.type),
-        lambda: resolve_gamma(source, calib_samples, recipe.gamma, recipe.gamma_fallback, dev),
-    )
+    if recipe.data_free:
+        fixed = recipe.gamma if recipe.gamma != "auto" else recipe.gamma_fallback
+        g, g_source, ratios, detail = float(fixed), "unused (data-free)", None, {}
+    else:
+        g, g_source, ratios, detail = _memo(
+            ("gamma", model_fp, calib_fp, recipe.gamma, recipe.gamma_fallback, dev.type),
+            lambda: resolve_gamma(source, calib_samples, recipe.gamma, recipe.gamma_fallback, dev),
+        )
     calibrator = Calibrator(
         source,
         calib_samples,

@@ -76,6 +76,12 @@ class Recipe(BaseModel):
         )
 
     @property
+    def data_free(self) -> bool:
+        """RTN at one width rounds each weight alone: no calibration data, no γ (mixed
+        precision still needs the routing statistics that rank experts)."""
+        return self.method == "rtn" and self.mixed_precision is None
+
+    @property
     def label(self) -> str:
         """Short human name, e.g. `veq-ma-w3g128` or `veq-mp2.5g128`."""
         g = f"g{self.group_size}" if self.group_size else "gch"

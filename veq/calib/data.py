@@ -214,9 +214,7 @@ def _normalise_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def load_jsonl(path: str | Path) -> list[Conversation]:
     """Conversations from a JSONL file; image paths are relative to the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"calibration file {str(path)!r} does not exist")
+    path = _require_file(path)
     out = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -273,6 +271,20 @@ def load_hf_dataset(name: str, n: int, split: str = "train") -> list[Conversatio
             messages = _normalise_parts(row["messages"])
         out.append(Conversation(imgs, tuple(messages)))
     return out
+
+
+def check_source(spec: str) -> None:
+    """Fail as `conversations` would on a calibration file that is not there, without reading
+    anything (for recipes that need no data: a typo is still an error)."""
+    if spec not in ("builtin", "shapes") and not spec.startswith("hf:"):
+        _require_file(spec)
+
+
+def _require_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {str(path)!r} does not exist")
+    return path
 
 
 def conversations(spec: str, n: int, seed: int = 0) -> list[Conversation]:

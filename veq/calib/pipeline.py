@@ -227,8 +227,9 @@ class Calibrator:
         progress: bool = True,
         on_layer: Callable[[int, int], None] | None = None,
     ) -> None:
-        """`on_layer(done, total)` is called after each decoder layer (job progress)."""
-        if not samples:
+        """`on_layer(done, total)` is called after each decoder layer (job progress). A
+        data-free recipe (`Recipe.data_free`) takes no samples and runs no forward pass."""
+        if not samples and not recipe.data_free:
             raise ValueError("calibration needs at least one sample")
         self.model = model
         self.arch = get_architecture(model)
@@ -242,7 +243,7 @@ class Calibrator:
         self.vision_ratios = (
             list(vision_ratios) if vision_ratios else [1.0 / self.gamma] * len(layers)
         )
-        kinds = torch.cat([s.kinds for s in self.samples])
+        kinds = torch.cat([s.kinds for s in self.samples]) if self.samples else torch.zeros(0)
         n_vis = int((kinds == TokenKind.VISION).sum())
         n_text = int(kinds.numel() - n_vis)
         self.beta = n_text / n_vis if n_vis else 0.0
@@ -281,7 +282,7 @@ class Calibrator:
         t0 = time.perf_counter()
         layers = decoder_layers(self.model, self.arch)
         self.model.eval()
-        cap = self._capture(layers)
+        cap = None if self.recipe.data_free else self._capture(layers)
         bar = tqdm(
             total=len(layers),
             desc=f"quantize {self.recipe.label}",
@@ -293,8 +294,11 @@ class Calibrator:
             for i, layer in enumerate(layers):
                 home = next(layer.parameters()).device
                 layer.to(self.device)
-                self._quantize_layer(i, layer, f"{prefix}.{i}", cap)
-                cap.hidden = self._propagate(i, layer, cap)
+                if cap is None:
+                    self._round_layer(i, layer, f"{prefix}.{i}")
+                else:
+                    self._quantize_layer(i, layer, f"{prefix}.{i}", cap)
+                    cap.hidden = self._propagate(i, layer, cap)
                 layer.to(home)
                 bar.update(1)
                 if self.on_layer is not None:
@@ -408,6 +412,28 @@ class Calibrator:
                     self._quantize_linear(layer, prefix, path, st, scales.get(g.linears[0]))
             if moe_plan is not None:
                 self._quantize_moe(moe_plan, prefix)
+
+    def _round_layer(self, i: int, layer: nn.Module, prefix: str) -> None:
+        """Data-free RTN: every linear and every expert rounded alone, no forward pass (at 30 B
+        the capture and per-layer forwards would cost more than the rounding)."""
+        for g in layer_linears(layer, self.arch):
+            for path in g.linears:
+                self._quantize_linear(layer, prefix, path, None, None)
+        if is_moe_layer(layer, self.arch):
+            moe = MoEView(layer, self.arch.moe)
+            none = torch.zeros(0, moe.expert(0).gate.shape[-1], device=self.device)
+            e = moe.num_experts
+            plan = _MoEPlan(
+                i,
+                moe,
+                none,
+                torch.zeros(0, dtype=torch.long, device=self.device),
+                torch.zeros(0, e, device=self.device),
+                [_Member(x, None, None, 0) for x in range(e)],
+                torch.zeros(e),
+                [self.recipe.bits] * e,
+            )
+            self._quantize_moe(plan, prefix)
 
     # -- dense groups --------------------------------------------------------------------
 

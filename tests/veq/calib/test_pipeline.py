@@ -127,3 +127,23 @@ def test_kernel_path_matches_reference_path(tiny_model, calib, tmp_path, monkeyp
     assert torch.isfinite(tri).all()
     torch.testing.assert_close(tri, ref, rtol=2e-2, atol=2e-2)
     assert (tri.argmax(-1) == ref.argmax(-1)).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_data_free_rtn_equals_rtn_with_data(layout, tiny_model, calib):
+    """RTN at one width reads no data and runs no forward pass, yet rounds every weight exactly
+    as the data-driven pass does (RTN ignores the data; only the work differs)."""
+    recipe = Recipe(method="rtn", bits=3, group_size=32, gamma=10.0)
+    assert recipe.data_free and not Recipe(method="rtn", mixed_precision=3.0).data_free
+    model = tiny_model(layout)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    free = Calibrator(model, [], recipe, gamma=10.0, gamma_source="unused", progress=False).run()
+    assert not calls and free.report.samples == 0
+    with_data = calibrate(tiny_model(layout), calib(layout), "rtn", 3)
+    assert set(free.weights) == set(with_data.weights) and free.weights
+    for name, qw in free.weights.items():
+        other = with_data.weights[name]
+        assert torch.equal(qw.codes, other.codes), name
+        assert torch.equal(qw.scale, other.scale) and torch.equal(qw.zero, other.zero), name
+    assert free.report.bytes_quantized == with_data.report.bytes_quantized
