@@ -211,15 +211,12 @@ def quantize(
         processor = processor or load_processor(path)
         model_name = path.name
         loaded_here = True
-        if synthetic.is_synthetic_dir(path):
-            # Key from the spec; the (possibly 31 B-parameter) model is built only on a miss.
-            from transformers import AutoConfig
+        # Key from the files on disk (or a synthetic model's spec): the model (62 GB at 30 B)
+        # is loaded only on a cache miss, so a restart that hits the cache never reads it.
+        from transformers import AutoConfig
 
-            source, model_fp = None, model_fingerprint(path)
-            config = AutoConfig.from_pretrained(str(path))
-        else:
-            source = load_model(path, dev)
-            model_fp, config = model_fingerprint(source), source.config
+        source, model_fp = None, model_fingerprint(path)
+        config = AutoConfig.from_pretrained(str(path))
     probe: Any = source if source is not None else SimpleNamespace(config=config)
     arch = get_architecture(probe)
     token = image_token_id(probe, arch)
