@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from veq.calib.data import check_source, conversations, encode_conversation, fingerprint
+from veq.calib.data import (
+    CalibSample,
+    check_source,
+    conversations,
+    encode_conversation,
+    fingerprint,
+)
 from veq.calib.gamma import resolve_gamma
 from veq.calib.pipeline import Calibrator, QuantReport
 from veq.checkpoint import REPORT, load_checkpoint, save_checkpoint, verify
@@ -217,7 +223,7 @@ def quantize(
 
         source, model_fp = None, model_fingerprint(path)
         config = AutoConfig.from_pretrained(str(path))
-    probe: Any = source if source is not None else SimpleNamespace(config=config)
+    probe = SimpleNamespace(config=config)  # the tables read the config only
     arch = get_architecture(probe)
     token = image_token_id(probe, arch)
     if recipe.data_free:
@@ -225,13 +231,19 @@ def quantize(
         log.info("%s needs no calibration data: the calibration set is not read", recipe.label)
         calib_samples, calib_fp = [], "data-free"
     else:
-        source_id = str(path) if loaded_here else id(processor)
-        calib_samples = _memo(
-            ("calib", source_id, calib, _mtime(calib), samples, seed, token),
-            lambda: [
+
+        def encode() -> list[CalibSample]:
+            return [
                 encode_conversation(processor, c, token if token is not None else -1)
                 for c in conversations(calib, samples, seed)
-            ],
+            ]
+
+        # Memoized only for a model directory (its processor is the directory's); an in-memory
+        # model comes with a processor object we cannot key soundly.
+        calib_samples = (
+            _memo(("calib", str(path), calib, _mtime(calib), samples, seed), encode)
+            if loaded_here
+            else encode()
         )
         calib_fp = fingerprint(calib_samples)
     identity = model_fp + recipe.model_dump_json() + calib_fp
@@ -284,7 +296,7 @@ def quantize(
     if loaded_here:
         # The caller loads the checkpoint next: free the full-precision model (on a GPU, 62 GB
         # at 30 B) and the host copy of the codes first, cycles included.
-        del source, probe, calibrator, result
+        del source, calibrator, result
         _release(dev)
     return Quantized(target, json.loads((target / REPORT).read_text()), cached=False)
 

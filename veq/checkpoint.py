@@ -386,14 +386,18 @@ def load_checkpoint(
     pattern = re.compile(
         rf"^(.*\.{re.escape(arch.moe.block)}\.{re.escape(arch.moe.experts)})\.(\d+)\.(gate|up|down)_proj$"
     )
-    for name, qw in weights.items():
+    # Entries are popped as they are consumed, so each module's packed words are freed once its
+    # kernel-layout buffers exist (the peak holds one layer's experts twice, not the model).
+    while weights:
+        name, qw = weights.popitem()
         m = pattern.match(name)
         if m and arch.moe.layout == "fused":
             experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = qw
             continue
         bias = tensors.pop(f"{name}.bias", None)
         set_module(model, name, QuantLinear.from_quantized(qw.unpack(), bias=bias, dtype=dtype))
-    for prefix, by_expert in experts.items():
+    while experts:
+        prefix, by_expert = experts.popitem()
         n = (
             len(get_module(model, prefix).gate_up_proj)
             if hasattr(get_module(model, prefix), "gate_up_proj")

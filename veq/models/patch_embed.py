@@ -2,10 +2,11 @@
 
 Qwen-VL towers embed patches with a `Conv3d` whose kernel equals its stride and whose input is
 exactly one kernel-sized block per patch (`[N, C, T, P, P]`): that is a linear map of each
-flattened patch. CPU convolution backends handle this shape badly (a third of a small model's
-prefill on the serving host); a GEMM over `[N, C·T·P·P]` computes the same numbers several times
-faster. `PatchLinear` keeps the convolution's own `weight`/`bias` parameters (same names, same
-storage), so state dicts, checkpoints and quantization are unaffected.
+flattened patch. CPU convolution backends handle this shape badly (a fifth of a 16-request
+prefill of `mini` on the serving host); a GEMM over `[N, C·T·P·P]` computes the same numbers
+about 3× faster (1024 patches, one thread). `PatchLinear` keeps the convolution's own
+`weight`/`bias` parameters (same names, same storage), so state dicts, checkpoints and
+quantization are unaffected.
 """
 
 from __future__ import annotations
