@@ -126,10 +126,12 @@ class Shapes:
         per_param = bits / 8 + (2 + bits / 8) / group
         return int(self.quantized * per_param) + 2 * (self.total - self.quantized)
 
-    def load_host_bytes(self, bits: int, group: int = 128) -> int:
-        """Host memory while `veq serve` loads a checkpoint: the packed tensors, the unpacked
-        int8 codes and the kernel-layout copy, all at once."""
-        return self.checkpoint_bytes(bits, group) + self.quantized + self.weight_bytes(bits, group)
+    def load_peak_bytes(self, bits: int, group: int = 128) -> int:
+        """Peak memory on the serving device while `veq serve` loads a checkpoint (an upper
+        bound): the packed tensors read onto the device plus the kernel-layout copy being built
+        (`veq.checkpoint` frees each module's packed words once its buffers exist, and holds its
+        int8 codes only while converting it)."""
+        return self.checkpoint_bytes(bits, group) + self.weight_bytes(bits, group)
 
 
 def with_layers(spec: str, layers: int) -> str:
@@ -604,7 +606,7 @@ def check_resources(
     steps: list[Step], shapes_at: dict[int, Shapes], facts: dict[str, Any], group: int
 ) -> list[Step]:
     """Drop a 16-bit step the GPU cannot hold (saying so); exit when a checkpoint would not
-    fit on the disk or its loading in host memory."""
+    fit on the disk or its loading on the serving device."""
     kept = []
     for st in steps:
         s = shapes_at[st.layers]
@@ -617,17 +619,18 @@ def check_resources(
             )
             continue
         if st.bits != 16:
-            disk, host = facts.get("disk_free_bytes"), facts.get("host_available_bytes")
-            ckpt, load = s.checkpoint_bytes(st.bits, group), s.load_host_bytes(st.bits, group)
+            disk = facts.get("disk_free_bytes")
+            room = free if free is not None else facts.get("host_available_bytes")
+            ckpt, load = s.checkpoint_bytes(st.bits, group), s.load_peak_bytes(st.bits, group)
             if disk is not None and disk < 1.1 * ckpt:
                 sys.exit(
                     f"gpu_suite: {st.name} writes a {ckpt / GiB:.1f} GiB checkpoint; only "
                     f"{disk / GiB:.1f} GiB free on the cache's disk (--cache-dir elsewhere)"
                 )
-            if host is not None and host < load:
+            if room is not None and room < load:
                 sys.exit(
-                    f"gpu_suite: loading {st.name}'s checkpoint takes ~{load / GiB:.1f} GiB of "
-                    f"host memory; {host / GiB:.1f} GiB available (fewer --layers)"
+                    f"gpu_suite: loading {st.name}'s checkpoint takes up to {load / GiB:.1f} GiB "
+                    f"on the serving device; {room / GiB:.1f} GiB available (fewer --layers)"
                 )
         kept.append(st)
     return kept
@@ -718,7 +721,7 @@ def memory_table(shapes_at: dict[int, Shapes], group: int) -> str:
                     _count(s.total),
                     _size(s.weight_bytes(bits, group)),
                     "–" if bits == 16 else _size(s.checkpoint_bytes(bits, group)),
-                    "–" if bits == 16 else _size(s.load_host_bytes(bits, group)),
+                    "–" if bits == 16 else _size(s.load_peak_bytes(bits, group)),
                     f"{s.kv_bytes_per_token / 1024:g}",
                 ]
             )
@@ -729,7 +732,7 @@ def memory_table(shapes_at: dict[int, Shapes], group: int) -> str:
             "params",
             "weights (served)",
             "checkpoint",
-            "host memory at load",
+            "peak at load (device)",
             "KV KiB/token",
         ],
         rows,
@@ -948,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"w{b}": {
                         "weights": s.weight_bytes(b, opts.group_size),
                         "checkpoint": None if b == 16 else s.checkpoint_bytes(b, opts.group_size),
-                        "host_at_load": None if b == 16 else s.load_host_bytes(b, opts.group_size),
+                        "peak_at_load": None if b == 16 else s.load_peak_bytes(b, opts.group_size),
                     }
                     for b in (16, 4, 3)
                 },
