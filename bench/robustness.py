@@ -1,18 +1,20 @@
 """How much weight noise the reference model tolerates: the evidence behind its sensitivity.
 
     python bench/robustness.py [--models mini[,DIR...]] [--sigmas 0.25,0.5,1,2] [--samples 600]
-                               [--seeds 0,1] [--component-sigma 1] [--note TEXT] [--no-write]
+                               [--seeds 0,1] [--component-sigma 1] [--group-size 128]
+                               [--note TEXT] [--no-write]
 
 For each model, adds Gaussian noise of `k · std(W)` to every matrix the quantization recipe
 would quantize (attention and expert projections of the language model; the same set
 `veq.models` lists), then to the attention projections alone and the experts alone, and, as
-controls, zeroes either set. For comparison it runs RTN at 3 and 2 bits (asymmetric, g128)
-through the real pipeline and reports each one's relative weight error `‖W − Q(W)‖ / ‖W‖`, so
-the noise levels and the quantizers sit on one scale. It also reports how large the largest
-input to a quantized projection is against the median one: LLMs have outlier channels there,
-which is much of why rounding hurts them. Accuracy is exact match on held-out ShapesVQA
-questions. Several models (e.g. shallower variants trained with `python -m veq.reference.train
---layers N`) go in one table. The tables go to BENCHMARKS.md (section `robustness`).
+controls, zeroes either set. For comparison it runs RTN at 3 and 2 bits (asymmetric, g128 or
+`--group-size`) through the real pipeline and reports each one's relative weight error
+`‖W − Q(W)‖ / ‖W‖`, so the noise levels and the quantizers sit on one scale. It also
+reports how large the largest input to a quantized projection is against the median one: LLMs
+have outlier channels there, which is much of why rounding hurts them. Accuracy is exact match
+on held-out ShapesVQA questions. Several models (e.g. shallower variants trained with
+`python -m veq.reference.train --layers N`) go in one table. The tables go to BENCHMARKS.md
+(section `robustness`).
 """
 
 from __future__ import annotations
@@ -176,11 +178,17 @@ def model_rows(name: str, args: argparse.Namespace) -> tuple[list[list[str]], li
         row(f"noise {args.component_sigma:g} σ, {what}", f"{err:.3f}", acc)
     for bits in (3, 2):
         q = api.quantize(
-            path, method="rtn", bits=bits, cache_dir=args.cache_dir, device=cpu, progress=False
+            path,
+            method="rtn",
+            bits=bits,
+            group_size=args.group_size,
+            cache_dir=args.cache_dir,
+            device=cpu,
+            progress=False,
         )
         model, _ = api.load(q.path, device=cpu)
-        err = rtn_error(base_model, QuantConfig(bits=bits, group_size=128))
-        row(f"RTN W{bits} g128 (asymmetric)", f"{err:.3f}", accuracy(model.eval()))
+        err = rtn_error(base_model, QuantConfig(bits=bits, group_size=args.group_size))
+        row(f"RTN W{bits} g{args.group_size} (asymmetric)", f"{err:.3f}", accuracy(model.eval()))
     for what, pick in (("attention", attention_matrices), ("experts", expert_matrices)):
         model = fresh()
         with torch.no_grad():
@@ -209,6 +217,9 @@ def main() -> None:
     )
     ap.add_argument("--sigmas", default="0.25,0.5,1,2")
     ap.add_argument("--component-sigma", type=float, default=1.0)
+    ap.add_argument(
+        "--group-size", type=int, default=128, help="RTN group size (must divide every width)"
+    )
     ap.add_argument("--samples", type=int, default=600)
     ap.add_argument("--seeds", default="0,1", help="noise seeds")
     ap.add_argument("--cache-dir", default="/tmp/veq-bench-robustness")
