@@ -47,15 +47,20 @@ from veq.reference.evaluate import evaluate, heldout_samples  # noqa: E402
 from veq.reference.shapes import HELDOUT_SEEDS  # noqa: E402
 
 
-def attention_matrices(model: nn.Module) -> list[torch.Tensor]:
+def attention_linears(model: nn.Module) -> list[nn.Module]:
     """The language model's attention projections the recipe quantizes."""
     arch = get_architecture(model)
     return [
-        get_module(layer, p).weight.data
+        get_module(layer, p)
         for layer in decoder_layers(model, arch)
         for g in layer_linears(layer, arch)
         for p in g.linears
     ]
+
+
+def attention_matrices(model: nn.Module) -> list[torch.Tensor]:
+    """The weights of `attention_linears`."""
+    return [m.weight.data for m in attention_linears(model)]
 
 
 def expert_matrices(model: nn.Module) -> list[torch.Tensor]:
@@ -91,19 +96,13 @@ def input_outlier_ratio(model: nn.Module, processor: object, samples: list) -> f
     batch: how far the model is from the outlier channels that make LLMs quantization-
     sensitive (LLM.int8()'s emergent outlier features; "massive activations" reach about 10⁴×
     the median in 7 B models, Sun et al. 2024)."""
-    arch = get_architecture(model)
     ratios: list[float] = []
 
     def hook(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         x = args[0].detach().float().abs()
         ratios.append(float(x.max() / x.median().clamp_min(1e-12)))
 
-    handles = [
-        get_module(layer, p).register_forward_pre_hook(hook)
-        for layer in decoder_layers(model, arch)
-        for g in layer_linears(layer, arch)
-        for p in g.linears
-    ]
+    handles = [m.register_forward_pre_hook(hook) for m in attention_linears(model)]
     try:
         evaluate(model, processor, samples)
     finally:
