@@ -1,8 +1,9 @@
 """In-register dequantization of one weight tile, shared by the dense and MoE kernels.
 
 Owns the Triton side of `kernels.layout` (the torch side is `kernels.layout.dequantize`): a
-`[BLOCK_K, BLOCK_N]` tile of `Ŵᵀ` is read as int32 words, shifted and masked into unsigned
-codes, and turned into `(u - z) · s` in the activation dtype. Nothing is written to memory.
+`[BLOCK_K, BLOCK_N]` tile of `Ŵᵀ` is read as int32 words (each word once), unpacked in
+registers into unsigned codes, and turned into `(u - z) · s` in the activation dtype. Nothing
+is written to memory.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ def dequant_tile(
     qh_ptr,
     s_ptr,
     z_ptr,
-    # Tile coordinates
+    # Tile coordinates and the logical K
     k0,
-    offs_k,
     offs_n,
-    mask_k,
     mask_n,
+    K,
     # Strides
     stride_qk,
     stride_qn,
@@ -41,63 +41,81 @@ def dequant_tile(
     # Meta-parameters
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
-    SCALE_PER_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    FP16_MATH: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):
-    """`[BLOCK_K, BLOCK_N]` fp32 tile of `Ŵᵀ` (rows k = offs_k, columns n = offs_n); the caller
-    casts it to the activation dtype for `tl.dot`.
+    """`[BLOCK_K, BLOCK_N]` tile of `Ŵᵀ` in DTYPE: rows k0 .. k0 + BLOCK_K, columns offs_n.
 
     q_ptr: int32 [Kp·lo/32, N] whole codes per word (lo = 2 if BITS == 3 else BITS).
     qh_ptr: int32 [Kp/32, N] third bit plane (BITS == 3 only).
     s_ptr: [ng, N] scales; z_ptr: uint8 [ng, N] offset-binary zeros (HAS_ZERO only).
-    GROUP: group size, a power of two; per-channel passes any power of two >= K.
-    SCALE_PER_TILE: the tile lies in one group (GROUP % BLOCK_K == 0 or ng == 1): load one scale
-        row `[BLOCK_N]` at group k0 // GROUP; otherwise one per k (BLOCK_K % GROUP == 0).
+    k0: a multiple of BLOCK_K; BLOCK_K and GROUP powers of two (per-channel: GROUP >= K),
+    BLOCK_K >= 32 at 3 bits. Rows past Kp read as code 0 and groups past ng as scale 0.
+    FP16_MATH: DTYPE and the scales are fp16, so `(u - z)·s` is done in fp16 (exact: one
+    rounding, as the fp32 reference); otherwise in fp32 and rounded to DTYPE once.
+
+    Each packed word is loaded once (`[BLOCK_K / per-word, BLOCK_N]`) and each scale/zero row
+    once per group, then codes are unpacked in registers: `[words, slot, n]` reshaped to
+    `[k, n]` (slot j of word w is k = w·per-word + j). Integer → float uses the exponent-bias
+    trick (`u | 0x6400` is the fp16 bit pattern of 1024 + u; `u | 0x4B000000` the fp32 one of
+    2^23 + u) so the bias folds into the zero point and no int→float conversion runs.
     """
     LO: tl.constexpr = 2 if BITS == 3 else BITS
     PACK: tl.constexpr = 32 // LO
-    mask = mask_k[:, None] & mask_n[None, :]
+    KW: tl.constexpr = BLOCK_K // PACK
+    GT: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # codes per scale row in the tile
+    NGT: tl.constexpr = BLOCK_K // GT
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    k32 = tl.cdiv(K, 32)  # 32-code blocks of the padded K
+    offs_w = k0 // PACK + tl.arange(0, KW)
     words = tl.load(
-        q_ptr + (offs_k // PACK)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-        mask=mask,
+        q_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+        mask=(offs_w < k32 * (32 // PACK))[:, None] & mask_n[None, :],
         other=0,
     )
-    u = (words >> ((offs_k % PACK) * LO)[:, None]) & ((1 << LO) - 1)
+    u = (words[:, None, :] >> (tl.arange(0, PACK) * LO)[None, :, None]) & ((1 << LO) - 1)
     if BITS == 3:
+        offs_h = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         hi = tl.load(
-            qh_ptr + (offs_k // 32)[:, None] * stride_hk + offs_n[None, :] * stride_hn,
-            mask=mask,
+            qh_ptr + offs_h[:, None] * stride_hk + offs_n[None, :] * stride_hn,
+            mask=(offs_h < k32)[:, None] & mask_n[None, :],
             other=0,
         )
-        u = u | (((hi >> (offs_k % 32)[:, None]) & 1) << 2)
-    if SCALE_PER_TILE:
-        g = k0 // GROUP
-        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)
-        s = s.to(tl.float32)[None, :]
-        if HAS_ZERO:
-            z = tl.load(z_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0)
-            z = z.to(tl.int32)[None, :]
-        else:
-            z = 1 << (BITS - 1)
+        # bit b of hi word h is k = 32·h + b = 16·(2h + b // 16) + b % 16: lo word 2h + b // 16
+        hb = (hi[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1
+        u = u | (tl.reshape(hb, (KW, PACK, BLOCK_N)) << 2)
+    u = tl.reshape(u, (NGT, GT, BLOCK_N))
+    offs_g = k0 // GROUP + tl.arange(0, NGT)
+    mask_g = (offs_g < tl.cdiv(K, GROUP))[:, None] & mask_n[None, :]
+    s = tl.load(s_ptr + offs_g[:, None] * stride_sg + offs_n[None, :] * stride_sn,
+                mask=mask_g, other=0.0)  # fmt: skip
+    if HAS_ZERO:
+        z = tl.load(z_ptr + offs_g[:, None] * stride_zg + offs_n[None, :] * stride_zn,
+                    mask=mask_g, other=0).to(tl.int32)  # fmt: skip
     else:
-        g2 = (offs_k // GROUP)[:, None]
-        s = tl.load(s_ptr + g2 * stride_sg + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
-        s = s.to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + g2 * stride_zg + offs_n[None, :] * stride_zn, mask=mask, other=0)
-            z = z.to(tl.int32)
-        else:
-            z = 1 << (BITS - 1)
-    return (u - z).to(tl.float32) * s
+        z = tl.full((NGT, BLOCK_N), 1 << (BITS - 1), tl.int32)
+    if FP16_MATH:
+        f = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        zf = (z + 1024).to(tl.float16)
+        w = (f - zf[:, None, :]) * s[:, None, :]
+    else:
+        f = (u | 0x4B000000).to(tl.float32, bitcast=True)
+        zf = z.to(tl.float32) + 8388608.0
+        w = ((f - zf[:, None, :]) * s.to(tl.float32)[:, None, :]).to(DTYPE)
+    return tl.reshape(w, (BLOCK_K, BLOCK_N))
 
 
-def weight_args(w: PackedWeight, cfg: BlockConfig) -> tuple[list[Tensor | int], dict[str, int]]:
+def weight_args(
+    w: PackedWeight, cfg: BlockConfig, act_dtype: torch.dtype
+) -> tuple[list[Tensor | int], dict[str, int | bool]]:
     """Pointer/stride arguments and meta-parameters of `dequant_tile` for a PackedWeight.
 
     Returns `(args, meta)`: args = [q, qh, s, z, stride_qe, stride_qk, stride_qn, stride_he,
     stride_hk, stride_hn, stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn]
     (expert strides 0 for a single weight; absent tensors replaced by `qweight`, strides 0),
-    meta = {BITS, GROUP, SCALE_PER_TILE, HAS_ZERO}.
+    meta = {BITS, GROUP, HAS_ZERO, FP16_MATH}.
     """
 
     def strides(t: Tensor | None) -> list[int]:
@@ -106,6 +124,8 @@ def weight_args(w: PackedWeight, cfg: BlockConfig) -> tuple[list[Tensor | int], 
         s = list(t.stride())
         return s if t.ndim == 3 else [0, *s]
 
+    if w.bits == 3 and cfg.block_k < 32:
+        raise ValueError(f"3-bit weights need block_k >= 32 (one third-bit word), got {cfg}")
     q, qh, s, z = w.qweight, w.qweight_hi, w.scale, w.zero
     args: list[Tensor | int] = [q, q if qh is None else qh, s, q if z is None else z]
     args += strides(q) + strides(qh) + strides(s) + strides(z)
@@ -116,15 +136,7 @@ def weight_args(w: PackedWeight, cfg: BlockConfig) -> tuple[list[Tensor | int], 
     meta = {
         "BITS": w.bits,
         "GROUP": group,
-        "SCALE_PER_TILE": per_channel or group % cfg.block_k == 0,
         "HAS_ZERO": z is not None,
+        "FP16_MATH": act_dtype == torch.float16 and s.dtype == torch.float16,
     }
     return args, meta
-
-
-def tl_dtype(dtype: torch.dtype) -> tl.dtype:
-    """Triton dtype of an activation dtype (fp16, bf16 or fp32)."""
-    table = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-    if dtype not in table:
-        raise ValueError(f"activations must be fp16, bf16 or fp32, got {dtype}")
-    return table[dtype]

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from kernels import tuning
 from kernels._dequant import weight_args
+from kernels._launch import launch
 from kernels.dense._kernel import dense_wxa16_kernel
 from kernels.layout import PackedWeight
 from kernels.tuning import BlockConfig
@@ -40,21 +41,24 @@ def dense_wxa16(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     m = x2.shape[0]
-    out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
     if m == 0:
-        return out.reshape(*lead, w.n)
-    cfg = config or tuning.choose("dense", m, w.n, w.k, w.bits, w.group_size, x.device)
-    wargs, meta = weight_args(w, cfg)
-    q, qh, s, z = wargs[:4]
-    st = wargs[4:]
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(w.n, cfg.block_n),)
-    dense_wxa16_kernel[grid](
-        x2, out, x2 if bias is None else bias, q, qh, s, z,
+        return x.new_empty(*lead, w.n)
+    cfg = config or tuning.choose("dense", m, w.n, w.k, w.bits, w.group_size, x.dtype, x.device)
+    wargs, meta = weight_args(w, cfg, x.dtype)
+    if cfg.split_k == 1:
+        out = torch.empty(1, m, w.n, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty(cfg.split_k, m, w.n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(w.n, cfg.block_n), cfg.split_k)
+    launch(
+        dense_wxa16_kernel, grid,
+        x2, out, x2 if bias is None else bias, *wargs[:4],
         m, w.n, w.k,
-        x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), *st,
+        x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), out.stride(2), *wargs[4:],
         HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **meta,
     )  # fmt: skip
-    return out.reshape(*lead, w.n)
+    y = out[0] if cfg.split_k == 1 else out.sum(dim=0).to(x.dtype)
+    return y.reshape(*lead, w.n)

@@ -52,8 +52,8 @@ def moe_gate_up_kernel(
     TOP_K: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
-    SCALE_PER_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    FP16_MATH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -89,24 +89,21 @@ def moe_gate_up_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
         a = tl.load(
             x_rows + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
+            mask=mask_m[:, None] & (offs_k < K)[None, :],
             other=0.0,
         )
         w_gate = dequant_tile(
-            q_ptr, qh_ptr, s_ptr, z_ptr,
-            k0, offs_k, offs_n, mask_k, mask_n,
+            q_ptr, qh_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K,
             stride_qk, stride_qn, stride_hk, stride_hn, stride_sg, stride_sn, stride_zg, stride_zn,
-            BITS, GROUP, SCALE_PER_TILE, HAS_ZERO,
-        ).to(dtype)  # fmt: skip
+            BITS, GROUP, HAS_ZERO, FP16_MATH, BLOCK_K, dtype,
+        )  # fmt: skip
         w_up = dequant_tile(
-            q_ptr, qh_ptr, s_ptr, z_ptr,
-            k0, offs_k, offs_n + N, mask_k, mask_n,
+            q_ptr, qh_ptr, s_ptr, z_ptr, k0, offs_n + N, mask_n, K,
             stride_qk, stride_qn, stride_hk, stride_hn, stride_sg, stride_sn, stride_zg, stride_zn,
-            BITS, GROUP, SCALE_PER_TILE, HAS_ZERO,
-        ).to(dtype)  # fmt: skip
+            BITS, GROUP, HAS_ZERO, FP16_MATH, BLOCK_K, dtype,
+        )  # fmt: skip
         acc_gate = tl.dot(a, w_gate, acc_gate)
         acc_up = tl.dot(a, w_up, acc_up)
     h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
@@ -137,6 +134,7 @@ def moe_down_kernel(
     # Strides
     stride_am,
     stride_ak,
+    stride_os,
     stride_om,
     stride_on,
     stride_qe,
@@ -154,19 +152,21 @@ def moe_down_kernel(
     # Meta-parameters
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
-    SCALE_PER_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    FP16_MATH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """`out[a, n] = topk_weights[a] · (h[a] · Ŵ[e, n])` for every assignment a of the group.
 
-    h: [T·A, I] fp16/bf16 (GEMM 1's output); out: [T·A, H] in h's dtype (rows of other groups
-    untouched); topk_weights: fp32 [T·A]. Weights (N = H, K = I): q int32 [E_g, Kp·lo/32, H],
-    qh int32 [E_g, Kp/32, H] (3-bit), s [E_g, ng, H], z uint8 [E_g, ng, H] (asymmetric).
-    Schedule as in `moe_gate_up_kernel`. The routed weight is applied to the fp32 accumulator;
-    the sum over the A picks of a token is done by the launcher.
+    h: [T·A, I] fp16/bf16 (GEMM 1's output); topk_weights: fp32 [T·A]. Weights (N = H, K = I):
+    q int32 [E_g, Kp·lo/32, H], qh int32 [E_g, Kp/32, H] (3-bit), s [E_g, ng, H],
+    z uint8 [E_g, ng, H] (asymmetric). out: [SPLIT_K, T·A, H] (rows of other groups untouched),
+    split s holding the K range [s·Ks, (s+1)·Ks); in h's dtype or fp32. Grid:
+    ((L / BLOCK_M) · cdiv(H, BLOCK_N), SPLIT_K). The routed weight is applied to the fp32
+    accumulator; the sum over splits and the A picks of a token is done by the launcher.
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -186,26 +186,27 @@ def moe_down_kernel(
     z_ptr += expert * stride_ze
     dtype = h_ptr.dtype.element_ty
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_am
+    k_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = tl.program_id(1) * k_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(k_lo + k_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
         a = tl.load(
             h_rows + offs_k[None, :] * stride_ak,
-            mask=mask_m[:, None] & mask_k[None, :],
+            mask=mask_m[:, None] & (offs_k < K)[None, :],
             other=0.0,
         )
         w = dequant_tile(
-            q_ptr, qh_ptr, s_ptr, z_ptr,
-            k0, offs_k, offs_n, mask_k, mask_n,
+            q_ptr, qh_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, K,
             stride_qk, stride_qn, stride_hk, stride_hn, stride_sg, stride_sn, stride_zg, stride_zn,
-            BITS, GROUP, SCALE_PER_TILE, HAS_ZERO,
-        ).to(dtype)  # fmt: skip
+            BITS, GROUP, HAS_ZERO, FP16_MATH, BLOCK_K, dtype,
+        )  # fmt: skip
         acc = tl.dot(a, w, acc)
     routed = tl.load(topk_weights_ptr + rows, mask=mask_m, other=0.0)
     acc = acc * routed[:, None]
+    out_rows = out_ptr + tl.program_id(1) * stride_os + rows.to(tl.int64)[:, None] * stride_om
     tl.store(
-        out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on,
-        acc.to(dtype),
+        out_rows + offs_n[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_n[None, :],
     )

@@ -30,7 +30,7 @@ class Case:
     def __str__(self) -> str:
         g = self.group or "ch"
         s = "sym" if self.sym else "asym"
-        c = "" if self.config is None else f"-bk{self.config.block_k}"
+        c = "" if self.config is None else f"-bk{self.config.block_k}-s{self.config.split_k}"
         b = "-bias" if self.bias else ""
         return f"m{self.m}-n{self.n}-k{self.k}-w{self.bits}-g{g}-{s}{c}{b}"
 
@@ -56,6 +56,12 @@ CASES = _cases() + [
     Case(17, 48, 256, 4, 128, False, BlockConfig(16, 16, 32)),
     Case(17, 48, 256, 3, 32, False, BlockConfig(32, 32, 128)),
     Case(3, 48, 256, 2, 64, True, BlockConfig(16, 32, 128), bias=True),
+    # Split K (fp32 partials summed by the launcher): even, ragged (K = 100 over 3 splits of
+    # 64 leaves the last split empty) and with a bias added by one split only.
+    Case(1, 40, 256, 4, 32, False, BlockConfig(16, 16, 32, split_k=4)),
+    Case(3, 24, 100, 3, None, True, BlockConfig(16, 16, 32, split_k=3)),
+    Case(2, 64, 256, 2, 128, False, BlockConfig(16, 32, 64, split_k=2), bias=True),
+    Case(16, 7, 256, 8, 64, True, BlockConfig(16, 16, 32, split_k=8)),
 ]
 
 
@@ -70,6 +76,19 @@ def test_dense_matches_reference_fp16(case: Case):
     ref = dense_reference(x, w, bias, compute_dtype=torch.float32)
     assert out.dtype == torch.float16 and out.shape == (case.m, case.n)
     assert_close(out, ref, torch.float16, str(case))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.m and (c.config or c.bits == 3)], ids=str)
+def test_dense_matches_reference_fp32(case: Case):
+    """fp32 activations take the fp32 dequantization path (the one bf16 uses on a GPU)."""
+    w = random_packed(case.n, case.k, case.bits, case.group, case.sym, seed=case.m + case.bits)
+    x = random_activations(case.m, case.k, seed=case.n, dtype=torch.float32).to(DEVICE)
+    bias = torch.randn(case.n).to(DEVICE) if case.bias else None
+    w = w.to(DEVICE)
+    out = dense_wxa16(x, w, bias, config=case.config)
+    assert out.dtype == torch.float32
+    assert_close(out, dense_reference(x, w, bias, compute_dtype=torch.float32), torch.float32,
+                 str(case))  # fmt: skip
 
 
 def test_dense_keeps_leading_dims():

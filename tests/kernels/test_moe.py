@@ -84,6 +84,11 @@ CASES = _cases() + [
          config=MoEConfig(BlockConfig(16, 32, 64), BlockConfig(32, 64, 32))),
     Case(17, 4, 6, 128, 64, (4,), 32, True,
          config=MoEConfig(BlockConfig(64, 64, 128), BlockConfig(16, 128, 64))),
+    # Down split over K (fp32 partials), also with mixed-precision groups of different splits.
+    Case(3, 2, 6, 64, 128, (2,), 32, False,
+         config=MoEConfig(BlockConfig(16, 16, 32), BlockConfig(16, 32, 32, split_k=4))),
+    Case(9, 3, 8, 64, 96, (3, 8), 32, True,
+         config=MoEConfig(BlockConfig(16, 32, 32), BlockConfig(16, 16, 32, split_k=2))),
 ]  # fmt: skip
 
 
@@ -96,6 +101,27 @@ def test_fused_moe_matches_reference_fp16(case: Case):
     ref = fused_moe_reference(x, ids, wt, w, compute_dtype=torch.float32)
     assert out.dtype == torch.float16 and out.shape == (case.t, case.hidden)
     assert_close(out, ref, torch.float16, str(case))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.config is not None], ids=str)
+def test_fused_moe_matches_reference_fp32(case: Case):
+    """fp32 activations take the fp32 dequantization path (the one bf16 uses on a GPU)."""
+    w = _weights(case)
+    ids, wt = random_routing(case.t, case.k, case.experts, seed=case.t + 7, skip=case.skip)
+    x = random_activations(case.t, case.hidden, seed=case.k, dtype=torch.float32)
+    out = fused_moe(x, ids, wt, w, case.config)
+    ref = fused_moe_reference(x, ids, wt, w, compute_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert_close(out, ref, torch.float32, str(case))
+
+
+def test_gate_up_refuses_a_split_k():
+    case = Case(2, 2, 4, 64, 32, (4,), 32, False)
+    ids, wt = random_routing(case.t, case.k, case.experts)
+    x = random_activations(case.t, case.hidden)
+    bad = MoEConfig(gate_up=BlockConfig(16, 32, 32, split_k=2))
+    with pytest.raises(ValueError, match="cannot split K"):
+        fused_moe(x, ids, wt, _weights(case), bad)
 
 
 def test_ids_outside_the_layer_contribute_nothing():
