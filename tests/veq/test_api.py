@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 
 import veq
+from veq import api
+from veq.calib import gamma as gamma_mod
 from veq.checkpoint import MANIFEST, atomic_directory, verify
 
 
@@ -71,6 +74,28 @@ def test_truncated_shard_is_detected_and_rebuilt(qwen_dir, tmp_path, caplog):
     rebuilt = veq.quantize(qwen_dir, **kw)
     assert not rebuilt.cached and rebuilt.path == first.path and verify(rebuilt.path)
     assert "rebuilding" in caplog.text
+
+
+def test_gamma_auto_is_measured_or_falls_back_with_its_reason(
+    qwen_dir, tmp_path, monkeypatch, tiny_model, calib
+):
+    kw = dict(
+        method="gptq", bits=4, samples=3, gamma="auto", group_size=32, progress=False, device="cpu"
+    )
+    monkeypatch.setattr(api, "_MEMO", OrderedDict())  # γ is memoized per process
+    measured = veq.quantize(qwen_dir, out=tmp_path / "measured", **kw).report
+    direct = gamma_mod.measure_gamma(tiny_model("qwen3_vl_moe"), calib("qwen3_vl_moe", n=3))
+    assert measured["gamma_source"] == "measured"
+    assert measured["gamma"] == pytest.approx(direct.gamma, rel=1e-6)
+    # The same run where the backward pass does not fit: calibrated with the default γ, and the
+    # report says why.
+    monkeypatch.setattr(api, "_MEMO", OrderedDict())
+    monkeypatch.setattr(gamma_mod, "_free_bytes", lambda device: 0)
+    fallback = veq.quantize(qwen_dir, out=tmp_path / "fallback", **kw).report
+    assert fallback["gamma"] == 20.0 and fallback["gamma_detail"] == {}
+    assert fallback["gamma_source"].startswith(
+        "fallback (the model does not fit for a backward pass on cpu"
+    )
 
 
 def test_interrupted_write_leaves_nothing(tmp_path):

@@ -4,13 +4,16 @@ Measured as mean |∂L/∂h| over text tokens ÷ mean |∂L/∂h| over vision to
 every decoder layer, with L the SFT loss on answer tokens of the calibration set; γ is the mean
 of the per-layer ratios. Reported both with "text" = every non-vision token (the value used) and
 with answer tokens only. The same backward pass gives MBQ's per-layer vision weight
-r_l = mean |g_vision| / mean |g_answer|. Owns the measurement only; the pipeline uses the numbers.
+r_l = mean |g_vision| / mean |g_answer|. Owns the measurement and where it runs (whether the
+model fits on the calibration device for it, moving it there and back); the pipeline uses the
+numbers.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psutil
@@ -43,15 +46,85 @@ class GammaResult:
 
 
 class GammaUnavailable(RuntimeError):
-    """The model is too large for one backward pass on this device."""
+    """No γ on this device: the backward pass does not fit or failed there, or the samples lack
+    vision or answer tokens."""
 
 
-def _fits(model: nn.Module, device: torch.device) -> bool:
-    need = sum(p.numel() * p.element_size() for p in model.parameters()) * 1.5
+#: Tensors kept for the backward pass per token and decoder layer, in hidden-size widths: 26 on
+#: the Qwen3-VL-30B-A3B shapes (attention, norms, 8 routed experts; counted with saved-tensor
+#: hooks), rounded up. The vision tower keeps none: nothing before the embeddings needs grad.
+_SAVED_WIDTHS = 32
+#: Bytes per token and vocabulary entry at the loss: the logits, their fp32 copy, the saved
+#: log-softmax and the gradients flowing back through them.
+_LOSS_BYTES = 16
+#: Raised by the device when the pass does not fit or the device fails; either means "no γ
+#: here", not a bug. (`torch.AcceleratorError`, CUDA runtime errors, is absent from older torch.)
+_DEVICE_ERRORS: tuple[type[Exception], ...] = tuple(
+    e for e in (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if e is not None
+)
+_GB = 1e9
+
+
+def _elsewhere(model: nn.Module, device: torch.device) -> list[tuple[nn.Module, str, Tensor]]:
+    """(module, name, tensor) for every parameter and buffer of `model` not on `device`."""
+    return [
+        (module, name, t)
+        for module in model.modules()
+        for name, t in (
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        )
+        if t.device != device
+    ]
+
+
+def _backward_bytes(model: nn.Module, samples: Sequence[CalibSample]) -> int:
+    """Activation memory of the largest sample's backward pass, estimated from the shapes."""
+    config = model.config.get_text_config()
+    layers = len(decoder_layers(model, get_architecture(model)))
+    width = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+    tokens = max(s.inputs["input_ids"].shape[-1] for s in samples)
+    per_token = (
+        layers * config.hidden_size * _SAVED_WIDTHS * width + config.vocab_size * _LOSS_BYTES
+    )
+    return tokens * per_token
+
+
+def _need_bytes(model: nn.Module, samples: Sequence[CalibSample], device: torch.device) -> int:
+    """What the measurement adds on `device`: the parameters and buffers that are elsewhere (a
+    tensor tied into several modules counts once), plus the backward pass's activations."""
+    missing = {id(t): t for _, _, t in _elsewhere(model, device)}.values()
+    return sum(t.numel() * t.element_size() for t in missing) + _backward_bytes(model, samples)
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory this process can still allocate on `device`."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return need < free
-    return need < psutil.virtual_memory().available
+        # Blocks PyTorch's allocator holds but does not use are free to this process too.
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return psutil.virtual_memory().available
+
+
+@contextmanager
+def _placed(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Inside the block every parameter and buffer of `model` is on `device`; on exit the
+    original tensors are put back, also when the block fails. Nothing is copied back (the
+    originals never left) and tied tensors stay tied: each is copied once."""
+    found = _elsewhere(model, device)
+    copies: dict[int, Tensor] = {}
+    try:
+        for module, name, t in found:
+            if id(t) not in copies:
+                copy = t.detach().to(device)
+                copies[id(t)] = (
+                    nn.Parameter(copy, t.requires_grad) if isinstance(t, nn.Parameter) else copy
+                )
+            setattr(module, name, copies[id(t)])
+        yield
+    finally:
+        for module, name, t in found:
+            setattr(module, name, t)
 
 
 def measure_gamma(
@@ -61,16 +134,44 @@ def measure_gamma(
     device: torch.device | str = "cpu",
     max_samples: int = 32,
 ) -> GammaResult:
-    """One backward pass per sample (at most `max_samples`); the model must fit on `device`.
+    """One backward pass per sample (at most `max_samples`) on `device`.
 
-    Raises GammaUnavailable when it does not, or when the samples have no vision or no answer
-    tokens (γ is then undefined).
+    Owns where the pass runs: a model elsewhere (the calibrator keeps it on the host and streams
+    layers) visits `device` whole for the measurement when it fits there with the pass's
+    activations, and is left as found afterwards, on failure too. Raises GammaUnavailable when
+    it does not fit, when the device runs out of memory or fails during the pass, or when the
+    samples have no vision or no answer tokens (γ is then undefined).
     """
-    device = torch.device(device)
-    if not _fits(model, device):
-        raise GammaUnavailable("the model is too large for a backward pass on this device")
-    arch = get_architecture(model)
-    layers = decoder_layers(model, arch)
+    # "cuda" names whichever GPU is current; parameters report an index. Compare like with like.
+    device = torch.empty(0, device=device).device
+    usable = [
+        s
+        for s in samples[:max_samples]
+        if (s.kinds == TokenKind.ANSWER).any() and (s.kinds == TokenKind.VISION).any()
+    ]
+    if not usable:
+        raise GammaUnavailable("γ needs calibration samples with both vision and answer tokens")
+    need, free = _need_bytes(model, usable, device), _free_bytes(device)
+    if need > free:
+        raise GammaUnavailable(
+            f"the model does not fit for a backward pass on {device} "
+            f"(about {need / _GB:.1f} GB needed, {free / _GB:.1f} GB free)"
+        )
+    try:
+        with _placed(model, device):
+            return _measure(model, usable, device)
+    except _DEVICE_ERRORS as exc:
+        # The first line says what failed; CUDA errors go on with debugging advice.
+        what = str(exc).splitlines()[0]
+        raise GammaUnavailable(
+            f"{type(exc).__name__} on {device} during the backward pass: {what}"
+        ) from exc
+
+
+def _measure(model: nn.Module, samples: Sequence[CalibSample], device: torch.device) -> GammaResult:
+    """The passes themselves, with the model already on `device`; every sample has vision and
+    answer tokens. Leaves requires_grad, training mode and hooks as found."""
+    layers = decoder_layers(model, get_architecture(model))
     n = len(layers)
     sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("text", "vision", "answer")}
     counts = {k: 0 for k in sums}
@@ -96,14 +197,10 @@ def measure_gamma(
         p.requires_grad_(False)
     was_training = model.training
     model.eval()
-    used = 0
     try:
-        for sample in samples[:max_samples]:
-            kinds = sample.kinds
-            answer = kinds == TokenKind.ANSWER
-            vision = kinds == TokenKind.VISION
-            if not answer.any() or not vision.any():
-                continue
+        for sample in samples:
+            answer = sample.kinds == TokenKind.ANSWER
+            vision = sample.kinds == TokenKind.VISION
             inputs = {k: v.to(device) for k, v in sample.inputs.items()}
             ids = inputs["input_ids"]
             labels = torch.where(answer.to(device).unsqueeze(0), ids, torch.full_like(ids, -100))
@@ -126,7 +223,6 @@ def measure_gamma(
             counts["vision"] += int(vision.sum())
             counts["answer"] += int(answer.sum())
             grads[:] = [None] * n
-            used += 1
     finally:
         for h in handles:
             h.remove()
@@ -134,8 +230,6 @@ def measure_gamma(
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
         model.train(was_training)
-    if used == 0:
-        raise GammaUnavailable("γ needs calibration samples with both vision and answer tokens")
     mean = {k: sums[k] / max(counts[k], 1) for k in sums}
     valid = mean["vision"] > 0
     per_layer = (mean["text"][valid] / mean["vision"][valid]).tolist()
@@ -144,7 +238,7 @@ def measure_gamma(
     ratios = torch.where(
         mean["answer"] > 0, mean["vision"] / mean["answer"].clamp(min=1e-30), torch.ones(n)
     )
-    return GammaResult(gamma, gamma_answer, ratios.tolist(), per_layer, used)
+    return GammaResult(gamma, gamma_answer, ratios.tolist(), per_layer, len(samples))
 
 
 def resolve_gamma(

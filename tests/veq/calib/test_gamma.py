@@ -1,13 +1,35 @@
-"""γ: measured from gradients, or a fallback with a reason."""
+"""γ: measured from gradients where the model fits, or a fallback with a reason.
+
+No GPU here: "meta" stands in for the calibration device where the model has to be moved, and
+the device-memory query is patched to say whether the pass fits.
+"""
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
+import torch
 
 from veq.calib import gamma as gamma_mod
 from veq.calib.gamma import GammaUnavailable, measure_gamma, resolve_gamma
+from veq.tokens import TokenKind
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def samples(calib):
+    """Calibration samples that all have vision and answer tokens (all take part in γ)."""
+    found = [s for s in calib("qwen3_vl_moe", n=4) if (s.kinds == TokenKind.VISION).any()]
+    assert len(found) >= 2
+    return found
+
+
+def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
 
 
 @pytest.mark.parametrize("layout", ["qwen3_vl_moe", "kimi_vl"])
@@ -30,14 +52,101 @@ def test_gamma_needs_vision_and_answer_tokens(tiny_model, calib):
         measure_gamma(tiny_model("qwen3_vl_moe"), text_only)
 
 
-def test_too_big_falls_back_with_reason(tiny_model, calib, monkeypatch, caplog):
-    monkeypatch.setattr(gamma_mod, "_fits", lambda model, device: False)
-    g, source, ratios, _ = resolve_gamma(
-        tiny_model("qwen3_vl_moe"), calib("qwen3_vl_moe"), "auto", 17.0, "cpu"
-    )
-    assert g == 17.0 and ratios is None
-    assert source.startswith("fallback") and "too large" in source
+def test_need_counts_only_what_the_device_lacks(tiny_model, samples):
+    here = tiny_model("qwen3_vl_moe")
+    elsewhere = tiny_model("qwen3_vl_moe").to("meta")
+    model_bytes = sum(t.numel() * t.element_size() for t in _tensors(here))
+    activations = gamma_mod._backward_bytes(here, samples)
+    assert activations > 0
+    assert gamma_mod._need_bytes(here, samples, CPU) == activations
+    assert gamma_mod._need_bytes(elsewhere, samples, CPU) == activations + model_bytes
+    # The longest sample sets the activation estimate.
+    shortest = min(samples, key=lambda s: s.inputs["input_ids"].shape[-1])
+    assert gamma_mod._backward_bytes(here, [shortest]) < activations
+
+
+def test_gamma_is_measured_when_the_pass_just_fits(tiny_model, samples, monkeypatch):
+    model = tiny_model("qwen3_vl_moe")
+    direct = measure_gamma(model, samples)
+    need = gamma_mod._need_bytes(model, samples, CPU)
+    monkeypatch.setattr(gamma_mod, "_free_bytes", lambda device: need)
+    assert measure_gamma(model, samples).as_dict() == direct.as_dict()
+    monkeypatch.setattr(gamma_mod, "_free_bytes", lambda device: need - 1)
+    with pytest.raises(GammaUnavailable, match="does not fit for a backward pass on cpu"):
+        measure_gamma(model, samples)
+
+
+def test_model_that_does_not_fit_falls_back_and_stays_put(tiny_model, samples, monkeypatch, caplog):
+    # On "meta" the model has no values: any attempt to move it to the CPU would raise.
+    model = tiny_model("qwen3_vl_moe").to("meta")
+    need = gamma_mod._need_bytes(model, samples, CPU)
+    monkeypatch.setattr(gamma_mod, "_free_bytes", lambda device: need - 1)
+    g, source, ratios, detail = resolve_gamma(model, samples, "auto", 17.0, "cpu")
+    assert (g, ratios, detail) == (17.0, None, {})
+    assert source.startswith("fallback (the model does not fit for a backward pass on cpu")
+    assert "GB needed" in source
     assert "using --gamma 17" in caplog.text
+    assert {t.device.type for t in _tensors(model)} == {"meta"}
+
+
+def test_placed_moves_the_model_and_puts_the_same_tensors_back(tiny_model):
+    model = tiny_model("qwen3_vl_moe")
+    before = _tensors(model)
+    with gamma_mod._placed(model, torch.device("meta")):
+        assert {t.device.type for t in _tensors(model)} == {"meta"}
+        assert all(p.requires_grad for p in model.parameters())
+    after = _tensors(model)
+    assert len(after) == len(before) and all(a is b for a, b in zip(after, before, strict=True))
+    with pytest.raises(ValueError), gamma_mod._placed(model, torch.device("meta")):
+        raise ValueError
+    assert all(a is b for a, b in zip(_tensors(model), before, strict=True))
+
+
+def test_out_of_memory_in_the_pass_falls_back_and_restores_the_model(
+    tiny_model, samples, monkeypatch, caplog
+):
+    model = tiny_model("qwen3_vl_moe")
+    before = _tensors(model)
+    monkeypatch.setattr(gamma_mod, "_free_bytes", lambda device: 1 << 62)
+    seen: list[set[str]] = []
+    copies: list[weakref.ref] = []
+
+    def out_of_memory(module: torch.nn.Module, args: tuple) -> None:
+        seen.append({t.device.type for t in _tensors(model)})
+        copies.append(weakref.ref(module.weight))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore advice")
+
+    handle = model.get_input_embeddings().register_forward_pre_hook(out_of_memory)
+    gc.disable()  # the device copies must go when the fallback is returned, not at some gc
+    try:
+        g, source, ratios, _ = resolve_gamma(model, samples, "auto", 17.0, "meta")
+        assert copies[0]() is None
+    finally:
+        gc.enable()
+        handle.remove()
+    assert seen == [{"meta"}]  # the pass ran with the whole model on the device
+    assert (g, ratios) == (17.0, None)
+    assert source == (
+        "fallback (OutOfMemoryError on meta during the backward pass: "
+        "CUDA out of memory. Tried to allocate 2.00 GiB.)"
+    )
+    assert "using --gamma 17" in caplog.text
+    # Left as found: the same tensors on the host, requires_grad as before, no gradients...
+    assert all(a is b for a, b in zip(_tensors(model), before, strict=True))
+    assert {t.device.type for t in before} == {"cpu"}
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    # ...and the same values: γ matches a fresh copy's exactly.
+    assert (
+        measure_gamma(model, samples).as_dict()
+        == measure_gamma(tiny_model("qwen3_vl_moe"), samples).as_dict()
+    )
+
+
+def test_cuda_free_memory_includes_the_allocator_cache(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 << 30, 140 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 7 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 3 << 30)
+    assert gamma_mod._free_bytes(torch.device("cuda", 0)) == 14 << 30
 
 
 def test_given_gamma_is_used_as_is(tiny_model, calib):
