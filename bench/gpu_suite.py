@@ -6,7 +6,7 @@
         --duration 5 --no-full --no-write    # the whole flow at test size on a CPU
 
 With the device tool (its GPU host reaches no package index): here, once, `bash
-bench/gpu_suite.sh --fetch-wheels` and `echo /.whl/ >> .git/info/exclude`; there, `bash
+bench/gpu_suite.sh --fetch-wheels` (into the git-ignored .whl/); there, `bash
 bench/gpu_suite.sh --export "$OUT"` with `.whl` carried and a timeout above the budget; back
 here, `python bench/gpu_suite.py --publish <files_at>/report.md` writes the BENCHMARKS.md section.
 

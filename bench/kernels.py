@@ -2,9 +2,10 @@
 
     python bench/kernels.py [--no-write] [--models qwen3-vl-30b,kimi-vl] [--tokens 1,4,16]
 
-On a GPU: (1) correctness of every variant (fused MoE W{8,4,3,2}, sym and asym, a mixed-precision
-layer, and the dense kernel) against the fp32 torch reference on the same packed weights, in
-bf16; the run exits non-zero if any is out of tolerance. (2) The device's copy bandwidth
+On a GPU: (1) correctness of every variant (fused MoE W{8,4,3,2} × group 32/64/128 × sym/asym
+at decode and prefill sizes, a mixed-precision layer, the dense kernel at M = 1 and 300)
+against the fp32 torch reference on the same packed weights, in bf16; the run exits non-zero
+if any is out of tolerance. (2) The device's copy bandwidth
 (`dst.copy_(src)` of 1 GiB, read + write bytes). (3) Per MoE layer, T ∈ {1, 4, 16, 64, 256, 1024}
 tokens of Qwen3-VL-30B-A3B (E=128, A=8, H=2048, I=768) and Kimi-VL-A3B (E=64, A=6, H=2048,
 I=1408): the bf16 baseline (`torch._grouped_mm` when this torch has it, else a loop over
@@ -68,14 +69,17 @@ MODELS = {
 }
 
 
-def moe_weights(m: Model, bits: int | list[int], sym: bool, device: str) -> MoEWeights:
+def moe_weights(
+    m: Model, bits: int | list[int], sym: bool, device: str, group: int = GROUP
+) -> MoEWeights:
     """Random packed experts; `bits` a list gives per-expert widths (mixed precision)."""
     per = bits if isinstance(bits, list) else [bits] * m.experts
     dt = torch.bfloat16
-    gate_up = [random_packed_words(2 * m.inter, m.hidden, b, GROUP, sym, seed=e, scale_dtype=dt,
+    gate_up = [random_packed_words(2 * m.inter, m.hidden, b, group, sym, seed=e, scale_dtype=dt,
                                    device=device) for e, b in enumerate(per)]  # fmt: skip
-    down = [random_packed_words(m.hidden, m.inter, b, GROUP, sym, seed=10_000 + e, scale_dtype=dt,
-                                device=device) for e, b in enumerate(per)]  # fmt: skip
+    down = [random_packed_words(m.hidden, m.inter, b, group, sym, seed=10_000 + e,
+                                scale_dtype=dt, device=device)
+            for e, b in enumerate(per)]  # fmt: skip
     return MoEWeights.from_experts(gate_up, down)
 
 
@@ -176,42 +180,52 @@ def time_call(fn: Callable[[], Tensor], device: str, iters: int = 20) -> tuple[f
 
 
 def correctness(device: str, models: list[Model]) -> tuple[list[list[str]], bool]:
-    """Every variant against the fp32 reference on the same packed weights."""
+    """Every variant against the fp32 reference on the same packed weights, in bf16 on a GPU.
+
+    The first model: every bits × group × symmetry at T = 1 (decode tiles, split-K) and
+    T = 2048 (prefill tiles: wgmma on sm_90), plus a mixed-precision layer; the others at
+    group 128. The dense kernel: every bits × {g32, g128} × symmetry at M = 1 and 300."""
     from kernels.dense.op import dense_wxa16
     from kernels.moe.op import fused_moe
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float16
     tol_max, tol_rms = TOLERANCES[dtype]
     rows, ok = [], True
-    for m in models:
-        for t in (1, 64):
-            variants: list[tuple[str, int | list[int], bool]] = [
-                (f"W{b} {'sym' if s else 'asym'}", b, s) for b in BITS for s in (False, True)
-            ]
-            mixed = [4 if e % 4 == 0 else 2 for e in range(m.experts)]
-            variants.append(("mixed W4/W2 (hot/cold)", mixed, False))
+
+    def check(layer: str, kernel: str, name: str, t: int, out: Tensor, ref: Tensor) -> None:
+        nonlocal ok
+        mx, rms = rel_errors(out, ref)
+        good = mx <= tol_max and rms <= tol_rms and bool(torch.isfinite(out).all())
+        ok &= good
+        rows.append([layer, kernel, name, str(t), f"{mx:.1e}", f"{rms:.1e}",
+                     "ok" if good else "FAIL"])  # fmt: skip
+
+    for i, m in enumerate(models):
+        groups = (32, 64, 128) if i == 0 else (GROUP,)
+        for t in (1, 2048) if i == 0 else (4,):
             ids, wts = random_routing(t, m.top_k, m.experts, seed=t)
             ids, wts = ids.to(device), wts.to(device)
             x = random_activations(t, m.hidden, seed=t, dtype=dtype, device=device)
-            for name, bits, sym in variants:
-                w = moe_weights(m, bits, sym, device)
-                mx, rms = rel_errors(
-                    fused_moe(x, ids, wts, w),
-                    fused_moe_reference(x, ids, wts, w, compute_dtype=torch.float32),
-                )
-                good = mx <= tol_max and rms <= tol_rms
-                ok &= good
-                rows.append([m.name, "fused MoE", name, str(t), f"{mx:.1e}", f"{rms:.1e}",
-                             "ok" if good else "FAIL"])  # fmt: skip
+            variants: list[tuple[str, int | list[int], bool, int]] = [
+                (f"W{b} g{g} {'sym' if s else 'asym'}", b, s, g)
+                for b in BITS for g in groups for s in (False, True)
+            ]  # fmt: skip
+            mixed = [4 if e % 4 == 0 else 2 for e in range(m.experts)]
+            variants.append(("mixed W4/W2 (hot/cold) g128", mixed, False, GROUP))
+            for name, bits, sym, group in variants:
+                w = moe_weights(m, bits, sym, device, group)
+                ref = fused_moe_reference(x, ids, wts, w, compute_dtype=torch.float32)
+                check(m.name, "fused MoE", name, t, fused_moe(x, ids, wts, w), ref)
     for b in BITS:
-        w = random_packed_words(2048, 4096, b, GROUP, False, scale_dtype=torch.bfloat16,
-                                device=device)  # fmt: skip
-        x = random_activations(16, 4096, dtype=dtype, device=device)
-        mx, rms = rel_errors(dense_wxa16(x, w), dense_reference(x, w, compute_dtype=torch.float32))
-        good = mx <= tol_max and rms <= tol_rms
-        ok &= good
-        rows.append(["[2048, 4096]", "dense", f"W{b} asym", "16", f"{mx:.1e}", f"{rms:.1e}",
-                     "ok" if good else "FAIL"])  # fmt: skip
+        for g in (32, 128):
+            for sym in (False, True):
+                w = random_packed_words(2048, 4096, b, g, sym, scale_dtype=torch.bfloat16,
+                                        device=device)  # fmt: skip
+                for rows_m in (1, 300):
+                    x = random_activations(rows_m, 4096, dtype=dtype, device=device)
+                    ref = dense_reference(x, w, compute_dtype=torch.float32)
+                    name = f"W{b} g{g} {'sym' if sym else 'asym'}"
+                    check("[2048, 4096]", "dense", name, rows_m, dense_wxa16(x, w), ref)
     return rows, ok
 
 
