@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -212,6 +214,26 @@ def _bind(lnch: Launch, backend: Any) -> tuple[dict, dict, dict, Any]:
     return signature, constexprs, attrs, options
 
 
+def _new_variant(
+    arch: str, q: Quant, lnch: Launch, bound: tuple[dict, dict, dict, Any]
+) -> tuple[Variant, dict[str, Any]]:
+    """The variant a bound launch compiles to, and its picklable compile job."""
+    sig, cexp, attrs, opts = bound
+    named = {lnch.kernel.arg_names[path[0]]: val for path, val in cexp.items()}
+    cfg = {k: lnch.kwargs[k] for k in ("num_warps", "num_stages")}
+    cfg |= {k.lower(): v for k, v in named.items() if k.startswith("BLOCK") or k == "SPLIT_K"}
+    kind = lnch.kernel.__name__.removesuffix("_kernel")
+    kind = "dense" if kind.startswith("dense") else kind
+    est = tuning.shared_bytes(tuning.BlockConfig(**cfg), kind, q.bits, q.group,
+                              DTYPES[q.dtype].itemsize)  # fmt: skip
+    variant = Variant(kernel=lnch.kernel.__name__, arch=arch, quant=str(q), config=cfg,
+                      constexprs=named, grid_min=math.prod(lnch.grid), estimate=est)  # fmt: skip
+    job = {"module": lnch.kernel.fn.__module__, "name": lnch.kernel.fn.__name__,
+           "signature": sig, "constexprs": cexp, "attrs": attrs, "options": opts.__dict__,
+           "arch": arch}  # fmt: skip
+    return variant, job
+
+
 def enumerate_variants(
     archs: Iterable[str], quants: Iterable[Quant], models: Iterable[ModelShapes] = MODELS,
     tokens: Iterable[int] = TOKENS,
@@ -223,58 +245,23 @@ def enumerate_variants(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
 
+    grid = list(itertools.product(quants, models, tokens))
     variants: dict[tuple, Variant] = {}
     jobs: dict[tuple, dict[str, Any]] = {}
     for arch in archs:
         backend = make_backend(GPUTarget("cuda", ARCHS[arch], 32))
         with tuning.targeting(tuning.TARGETS[arch]):
-            for q in quants:
-                for model in models:
-                    for t in tokens:
-                        for gemm, rows, lnch in _launches(model, q, t):
-                            sig, cexp, attrs, opts = _bind(lnch, backend)
-                            key = (arch, lnch.kernel.__name__, str(sig), str(cexp), str(attrs),
-                                   str(opts))  # fmt: skip
-                            v = variants.get(key)
-                            if v is None:
-                                named = {fn_name(lnch, p): val for p, val in cexp.items()}
-                                cfg = {k: lnch.kwargs[k] for k in ("num_warps", "num_stages")}
-                                cfg |= {k.lower(): named[k] for k in named if k.startswith("BLOCK")}
-                                if "SPLIT_K" in named:
-                                    cfg["split_k"] = named["SPLIT_K"]
-                                kind = lnch.kernel.__name__.removesuffix("_kernel")
-                                kind = "dense" if kind.startswith("dense") else kind
-                                est = tuning.shared_bytes(
-                                    tuning.BlockConfig(**cfg), kind, q.bits, q.group,
-                                    DTYPES[q.dtype].itemsize,
-                                )
-                                v = variants[key] = Variant(
-                                    kernel=lnch.kernel.__name__, arch=arch, quant=str(q),
-                                    config=cfg, constexprs=named,
-                                    grid_min=_programs(lnch.grid), estimate=est,
-                                )  # fmt: skip
-                                jobs[key] = {
-                                    "module": lnch.kernel.fn.__module__,
-                                    "name": lnch.kernel.fn.__name__,
-                                    "signature": sig, "constexprs": cexp, "attrs": attrs,
-                                    "options": opts.__dict__, "arch": arch,
-                                }  # fmt: skip
-                            v.uses.append(str(Use(model.name, gemm, t, rows)))
-                            v.decode |= rows <= tuning.DECODE_ROWS
-                            v.grid_min = min(v.grid_min, _programs(lnch.grid))
-    keys = list(variants)
-    return [variants[k] for k in keys], [jobs[k] for k in keys]
-
-
-def fn_name(lnch: Launch, path: tuple[int, ...]) -> str:
-    return lnch.kernel.arg_names[path[0]]
-
-
-def _programs(grid: tuple[int, ...]) -> int:
-    n = 1
-    for g in grid:
-        n *= g
-    return n
+            for q, model, t in grid:
+                for gemm, rows, lnch in _launches(model, q, t):
+                    bound = _bind(lnch, backend)
+                    key = (arch, lnch.kernel.__name__, *map(str, bound))
+                    if key not in variants:
+                        variants[key], jobs[key] = _new_variant(arch, q, lnch, bound)
+                    v = variants[key]
+                    v.uses.append(str(Use(model.name, gemm, t, rows)))
+                    v.decode |= rows <= tuning.DECODE_ROWS
+                    v.grid_min = min(v.grid_min, math.prod(lnch.grid))
+    return list(variants.values()), list(jobs.values())
 
 
 _PTXAS = re.compile(r"Used (\d+) registers")

@@ -192,9 +192,26 @@ def heuristic(
     large as the shape allows. The AOT check (`python -m kernels.aot`) compiles what this
     returns for sm_90 and sm_80 and fails on spills or shared memory over the limit.
     """
+    return _heuristic(kind, m, n, k, bits, group_size, act_dtype, target or _target.get(),
+                      batches, interpreted())  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4096)  # the same few shapes every step: decide once
+def _heuristic(
+    kind: str,
+    m: int,
+    n: int,
+    k: int,
+    bits: int,
+    group_size: int,
+    act_dtype: torch.dtype,
+    target: Target,
+    batches: int,
+    interpret: bool,
+) -> BlockConfig:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if interpreted():
+    if interpret:
         return BlockConfig(
             block_m=_pow2_at_least(m, hi=64),
             block_n=_pow2_at_least(n),
@@ -202,8 +219,7 @@ def heuristic(
             num_warps=4,
             num_stages=1,
         )
-    target = target or _target.get()
-    act_bytes = torch.empty((), dtype=act_dtype).element_size()
+    act_bytes = act_dtype.itemsize
     if m <= DECODE_ROWS:
         stages = 6 if bits <= 3 else 4  # fewer bytes per K step: more steps in flight
         cfg = BlockConfig(16, 64, 64 if bits == 8 else 128, num_warps=4, num_stages=stages)
@@ -266,7 +282,7 @@ def choose(
             ms = sorted(int(x) for x in entries)
             pick = next((x for x in ms if x >= m), ms[-1])
             cfg = BlockConfig(**entries[str(pick)])
-            act_bytes = torch.empty((), dtype=act_dtype).element_size()
+            act_bytes = act_dtype.itemsize
             if shared_bytes(cfg, kind, bits, group_size, act_bytes) <= target.smem_per_block:
                 return cfg
     return heuristic(kind, m, n, k, bits, group_size, act_dtype, target, batches)
