@@ -241,12 +241,14 @@ def _heuristic(
         if not worth(cfg):  # [16, 16] output tiles spill at 128-code K tiles on sm_80/90
             cfg = replace(cfg, block_n=MIN_DOT, block_k=min(cfg.block_k, 64))
         cfg = replace(cfg, num_warps=_decode_warps(kind, bits, cfg))
-    elif m <= 64:
-        cfg = BlockConfig(32, 64, 64, num_warps=4, num_stages=4)
     else:
-        wide = kind != "moe_gate_up"  # gate‖up holds two accumulators
-        cfg = BlockConfig(64, 128 if wide else 64, 64, num_warps=8 if bits == 8 else 4,
-                          num_stages=3)  # fmt: skip
+        # 8-bit tiles, and 3-bit gate‖up (two tiles of two planes), spill at 4 warps.
+        warps = 8 if bits == 8 or (bits == 3 and kind == "moe_gate_up") else 4
+        if m <= 64:
+            cfg = BlockConfig(32, 64, 64, num_warps=warps, num_stages=4)
+        else:
+            wide = kind != "moe_gate_up"  # gate‖up holds two accumulators
+            cfg = BlockConfig(64, 128 if wide else 64, 64, num_warps=warps, num_stages=3)
     return _fit(cfg, kind, bits, group_size, act_bytes, target.smem_per_block)
 
 
