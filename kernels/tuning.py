@@ -182,12 +182,13 @@ def heuristic(
     `n` counts the grid's output columns (I for gate‖up, whose programs read a gate and an up
     tile); `batches` matrices share the grid (the active experts of an MoE launch).
 
-    Decode (m ≤ DECODE_ROWS) is bound by reading weights. K tiles of 128 codes (64 at 8 bits)
-    keep the unpacked tile small enough not to spill, with deeper pipelines at 2/3 bits, whose
-    K steps carry fewer bytes. N tiles shrink to 32, then K splits (dense and down only), then
-    N tiles go to 16, until the grid covers the SMs four times (four programs fit on an SM by
-    registers) or a program would read fewer than MIN_PROGRAM_BYTES of codes. Prefill is bound
-    by math: wider M and N tiles. Every choice is then fitted to the target's shared memory.
+    Decode (m ≤ DECODE_ROWS) is bound by reading weights. K tiles of 128 codes (64 at 8 bits
+    and for 3-bit gate‖up) keep the unpacked tile small enough not to spill, with deeper
+    pipelines at 2/3 bits, whose K steps carry fewer bytes. N tiles shrink to 32, then K
+    splits (dense and down only), then N tiles go to 16, until the grid covers the SMs four
+    times (four programs fit on an SM by registers) or a program would read fewer than
+    MIN_PROGRAM_BYTES of codes. Prefill is bound by math: wider M and N tiles. Every choice is
+    then fitted to the target's shared memory.
     Under the interpreter (where every program and loop iteration costs ~10 ms) tiles are as
     large as the shape allows. The AOT check (`python -m kernels.aot`) compiles what this
     returns for sm_90 and sm_80 and fails on spills or shared memory over the limit.
@@ -222,7 +223,9 @@ def _heuristic(
     act_bytes = act_dtype.itemsize
     if m <= DECODE_ROWS:
         stages = 6 if bits <= 3 else 4  # fewer bytes per K step: more steps in flight
-        cfg = BlockConfig(16, 64, 64 if bits == 8 else 128, num_warps=4, num_stages=stages)
+        # 8-bit tiles, and 3-bit gate‖up (two tiles of two planes), spill at 128-code K tiles.
+        short = bits == 8 or (bits == 3 and kind == "moe_gate_up")
+        cfg = BlockConfig(16, 64, 64 if short else 128, num_warps=4, num_stages=stages)
         code_bytes = (2 if kind == "moe_gate_up" else 1) * batches * n * k * bits // 8
 
         def programs(c: BlockConfig) -> int:
