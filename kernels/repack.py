@@ -1,8 +1,9 @@
 """Load-time conversion from the on-disk format to the kernel layout (`kernels.layout`).
 
-Owns reading compressed-tensors `pack-quantized` tensors (DESIGN.md §5: a dense little-endian
-bitstream per row, 3-bit codes straddling words; zero points packed along N) without importing
-`veq`, and re-laying them out as a `PackedWeight`. Writing the disk format is `veq.format`'s job.
+Owns reading compressed-tensors `pack-quantized` tensors (docs/design.md §Weight formats: a
+dense little-endian bitstream per row, 3-bit codes straddling words; zero points packed along N)
+without importing `veq`, and re-laying them out as a `PackedWeight`. Writing the disk format is
+`veq.format`'s job.
 """
 
 from __future__ import annotations

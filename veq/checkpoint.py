@@ -1,7 +1,7 @@
 """Quantized checkpoints on disk, and the cache that keys them.
 
-Owns the directory format (DESIGN.md §5): safetensors shards in which every quantized linear is
-stored as compressed-tensors `pack-quantized` tensors (experts unfused as
+Owns the directory format (docs/design.md §Weight formats): safetensors shards in which every
+quantized linear is stored as compressed-tensors `pack-quantized` tensors (experts unfused as
 `...mlp.experts.{e}.{gate,up,down}_proj.*`), `config.json` with a `quantization_config` that
 compressed-tensors and vLLM read (plus a `veq` block), the processor files, `veq_report.json`,
 and `manifest.json` with the SHA-256 of every file, written last. A directory is complete when

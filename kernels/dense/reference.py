@@ -13,7 +13,8 @@ from kernels.layout import PackedWeight, dequantize
 
 
 def default_compute_dtype(x: Tensor) -> torch.dtype:
-    """fp32 on CPU (~5× faster than bf16 there, DESIGN.md §8), the activation dtype on GPU."""
+    """fp32 on CPU (~5× faster than bf16 there, docs/design.md §Environment facts), the
+    activation dtype on GPU."""
     return torch.float32 if x.device.type == "cpu" else x.dtype
 
 

@@ -539,7 +539,7 @@ class Calibrator:
                 members.append(_Member(e, routed.nonzero().squeeze(1), None, n))
             else:
                 # Too few routed tokens for a usable Hessian: every token, weighted by its
-                # router probability for this expert (DESIGN §2); reported.
+                # router probability for this expert (docs/design.md §Our defaults); reported.
                 members.append(_Member(e, None, probs[:, e].float(), n))
                 self.report.fallback_experts.append({"layer": layer_idx, "expert": e, "tokens": n})
         importance = expert_importance(n_text, n_vis, self.gamma, self.beta)
