@@ -7,7 +7,8 @@ Why: the Triton interpreter (our CPU test path) accepts what a GPU rejects — t
 shared memory beyond a block's limit (Triton checks it only at the first launch on a device),
 register pressure. `triton.compile` with an explicit `GPUTarget` runs the whole pipeline to a
 cubin with the `ptxas` shipped in the triton wheel, no driver needed, and reports shared memory;
-ptxas' own log gives registers and spill bytes.
+ptxas' own log gives registers and spill bytes, and the `nvdisasm` beside it the SASS of the
+K loop (instructions per weight: what the dequantisation costs on top of the load).
 
 How variants are found: the real launchers (`kernels.dense.op.dense_wxa16`,
 `kernels.moe.op.fused_moe`) run on meta tensors of real model shapes inside
@@ -186,9 +187,20 @@ class Variant:
     shared: int | None = None
     registers: int | None = None
     spill_bytes: int | None = None
+    loop_instructions: int | None = None  # SASS instructions per thread in the K loop's body
     mma: str | None = None
     seconds: float = 0.0
     error: str | None = None
+
+    def instructions_per_weight(self) -> float | None:
+        """SASS instructions the whole program issues per weight it dequantizes and multiplies
+        (the K loop's body × threads ÷ weights per K step): the cost a decode kernel pays on
+        top of reading the weight."""
+        if not self.loop_instructions:
+            return None
+        weights = self.config["block_k"] * self.config["block_n"]
+        weights *= 2 if self.kernel == "moe_gate_up_kernel" else 1
+        return self.loop_instructions * 32 * self.config["num_warps"] / weights
 
     def problems(self, limit: int) -> list[str]:
         out = []
@@ -266,6 +278,35 @@ def enumerate_variants(
 
 _PTXAS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/")
+
+
+def loop_instructions(cubin: bytes) -> int | None:
+    """Instructions in the largest loop body of a cubin (a label up to a branch back to it),
+    from the `nvdisasm` shipped beside the wheel's ptxas; None when it is not there."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvdisasm = Path(get_ptxas(90).path).with_name("nvdisasm")
+    if not nvdisasm.is_file():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True)
+    lines = res.stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
+    best = None
+    for i, line in enumerate(lines):
+        m = _BRANCH.search(line)
+        if m and labels.get(m.group(1), i) < i:
+            body = sum(1 for x in lines[labels[m.group(1)] : i + 1] if _INSTRUCTION.match(x))
+            best = max(best or 0, body)
+    return best
 
 
 def compile_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -301,6 +342,7 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
         "shared": int(compiled.metadata.shared),
         "registers": int(regs.group(1)) if regs else None,
         "spill_bytes": sum(int(a) + int(b) for a, b in spills),
+        "loop_instructions": loop_instructions(compiled.asm["cubin"]),
         "mma": mma,
         "seconds": time.perf_counter() - start,
     }
@@ -322,6 +364,11 @@ def run(variants: list[Variant], jobs: list[dict[str, Any]], workers: int) -> No
     print(file=sys.stderr)
 
 
+def _span(values: list[float | None]) -> tuple[float, float] | None:
+    got = [v for v in values if v is not None]
+    return (min(got), max(got)) if got else None
+
+
 def summary(variants: list[Variant]) -> list[dict[str, Any]]:
     """One row per (arch, kernel, regime): counts, shared-memory and register ranges, spills."""
     rows: dict[tuple[str, str, str], list[Variant]] = {}
@@ -341,6 +388,7 @@ def summary(variants: list[Variant]) -> list[dict[str, Any]]:
             if ok else None,
             "spilling": sum(1 for v in ok if v.spill_bytes),
             "max_spill": max((v.spill_bytes or 0 for v in ok), default=0),
+            "instr_per_weight": _span([v.instructions_per_weight() for v in ok]),
             "mma": ",".join(sorted({v.mma or "?" for v in ok})),
             "min_programs": min(v.grid_min for v in vs),
         })  # fmt: skip
@@ -352,15 +400,17 @@ def markdown(rows: list[dict[str, Any]], triton_version: str) -> str:
     head = (
         f"Triton {triton_version}. Shared-memory limits per block: {limits}.\n\n"
         "| arch | kernel | regime | variants | failed | over smem | smem KB | registers | "
-        "spilling (max B) | MMA | fewest programs |\n" + "|---" * 11 + "|\n"
+        "spilling (max B) | instr/weight | MMA | fewest programs |\n" + "|---" * 12 + "|\n"
     )
     lines = []
     for r in rows:
         smem = "-" if r["smem_kb"] is None else f"{r['smem_kb'][0]:.0f}–{r['smem_kb'][1]:.0f}"
         regs = "-" if r["registers"] is None else f"{r['registers'][0]}–{r['registers'][1]}"
+        ipw = r.get("instr_per_weight")
+        ipw = "-" if ipw is None else f"{ipw[0]:.1f}–{ipw[1]:.1f}"
         lines.append(
             f"| {r['arch']} | {r['kernel']} | {r['regime']} | {r['variants']} | {r['failed']} | "
-            f"{r['over_smem']} | {smem} | {regs} | {r['spilling']} ({r['max_spill']}) | "
+            f"{r['over_smem']} | {smem} | {regs} | {r['spilling']} ({r['max_spill']}) | {ipw} | "
             f"{r['mma']} | {r['min_programs']} |"
         )
     return head + "\n".join(lines) + "\n"
