@@ -109,13 +109,15 @@ def dequant_tile(
 
 def weight_args(
     w: PackedWeight, cfg: BlockConfig, act_dtype: torch.dtype
-) -> tuple[list[Tensor | int], dict[str, int | bool]]:
+) -> tuple[list[Tensor | int], dict[str, int | bool | str]]:
     """Pointer/stride arguments and meta-parameters of `dequant_tile` for a PackedWeight.
 
     Returns `(args, meta)`: args = [q, qh, s, z, stride_qe, stride_qk, stride_qn, stride_he,
     stride_hk, stride_hn, stride_se, stride_sg, stride_sn, stride_ze, stride_zg, stride_zn]
     (expert strides 0 for a single weight; absent tensors replaced by `qweight`, strides 0),
-    meta = {BITS, GROUP, HAS_ZERO, FP16_MATH}.
+    meta = {BITS, GROUP, HAS_ZERO, FP16_MATH, DOT_PRECISION}. DOT_PRECISION is for the kernels'
+    `tl.dot`: fp32 activations would run as tf32 (10-bit mantissas) on a GPU; "tf32x3" keeps
+    them fp32-accurate on the tensor cores (a correctness path: tiles are sized for 16-bit).
     """
 
     def strides(t: Tensor | None) -> list[int]:
@@ -138,5 +140,6 @@ def weight_args(
         "GROUP": group,
         "HAS_ZERO": z is not None,
         "FP16_MATH": act_dtype == torch.float16 and s.dtype == torch.float16,
+        "DOT_PRECISION": "tf32x3" if act_dtype == torch.float32 else "tf32",
     }
     return args, meta

@@ -45,6 +45,7 @@ def dense_wxa16_kernel(
     GROUP: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     FP16_MATH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -84,7 +85,7 @@ def dense_wxa16_kernel(
             stride_qk, stride_qn, stride_hk, stride_hn, stride_sg, stride_sn, stride_zg, stride_zn,
             BITS, GROUP, HAS_ZERO, FP16_MATH, BLOCK_K, dtype,
         )  # fmt: skip
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         if pid_k == 0:  # one split adds the bias
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]

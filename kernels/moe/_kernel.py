@@ -54,6 +54,7 @@ def moe_gate_up_kernel(
     GROUP: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     FP16_MATH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -104,8 +105,8 @@ def moe_gate_up_kernel(
             stride_qk, stride_qn, stride_hk, stride_hn, stride_sg, stride_sn, stride_zg, stride_zn,
             BITS, GROUP, HAS_ZERO, FP16_MATH, BLOCK_K, dtype,
         )  # fmt: skip
-        acc_gate = tl.dot(a, w_gate, acc_gate)
-        acc_up = tl.dot(a, w_up, acc_up)
+        acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
     h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
     tl.store(
         out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on,
@@ -154,6 +155,7 @@ def moe_down_kernel(
     GROUP: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     FP16_MATH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -201,7 +203,7 @@ def moe_down_kernel(
             stride_qk, stride_qn, stride_hk, stride_hn, stride_sg, stride_sn, stride_zg, stride_zn,
             BITS, GROUP, HAS_ZERO, FP16_MATH, BLOCK_K, dtype,
         )  # fmt: skip
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     routed = tl.load(topk_weights_ptr + rows, mask=mask_m, other=0.0)
     acc = acc * routed[:, None]
     out_rows = out_ptr + tl.program_id(1) * stride_os + rows.to(tl.int64)[:, None] * stride_om
