@@ -58,3 +58,19 @@ def test_aot_publishes_finished_reports(monkeypatch, capsys, tmp_path):
     assert "### after: 2 distinct compiles, 2 problems" in text  # 1 over smem + 1 decode spill
     assert "| sm_90 | moe_gate_up_kernel | decode | 2 | 0 | 1 | 40–300 | 96–128 |" in text
     assert "9.5–12.0" in text and text.strip() == capsys.readouterr().out.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_gpu_answer_serves_one_answer_on_its_cpu_twin(monkeypatch, tmp_path):
+    """The last step of bench/gpu_check.sh, on the CPU: `veq serve --model mini` (VEQ W4) in a
+    child process, one image+text chat request, the answer names the circle's colour."""
+    answer = _load("gpu_answer", monkeypatch)
+    out = tmp_path / "answer.json"
+    args = ["--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+            "--log", str(tmp_path / "serve.log"), "--ready-timeout", "600"]  # fmt: skip
+    assert answer.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["status"] == 200
+    assert "red" in result["response"]["choices"][0]["message"]["content"].lower()
+    assert result["stats"]["weights"]  # /admin/stats answered with the admin key
