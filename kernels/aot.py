@@ -129,19 +129,6 @@ def _meta_weight(n: int, k: int, q: Quant, experts: int | None = None) -> Packed
     )
 
 
-@dataclass
-class Use:
-    """Where a compiled variant is launched: model, GEMM, tokens, rows per expert/matrix."""
-
-    model: str
-    gemm: str
-    tokens: int
-    rows: int
-
-    def __str__(self) -> str:
-        return f"{self.model}:{self.gemm}@T{self.tokens}"
-
-
 def _launches(model: ModelShapes, q: Quant, t: int) -> Iterator[tuple[str, int, Launch]]:
     """(gemm name, rows per expert or matrix, launch) for one forward of `t` tokens."""
     from kernels.dense.op import dense_wxa16
@@ -270,7 +257,7 @@ def enumerate_variants(
                     if key not in variants:
                         variants[key], jobs[key] = _new_variant(arch, q, lnch, bound)
                     v = variants[key]
-                    v.uses.append(str(Use(model.name, gemm, t, rows)))
+                    v.uses.append(f"{model.name}:{gemm}@T{t}")
                     v.decode |= rows <= tuning.DECODE_ROWS
                     v.grid_min = min(v.grid_min, math.prod(lnch.grid))
     return list(variants.values()), list(jobs.values())

@@ -74,12 +74,13 @@ def _cuda_target(index: int) -> Target:
     return Target(f"sm_{p.major}{p.minor}", p.multi_processor_count, int(smem))
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def target_of(device: torch.device) -> Target:
     """The GPU a launch on `device` runs on: queried for CUDA, else the `targeting` one."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return _cuda_target(index)
-    return _target.get()
+    return _cuda_target(_cuda_index(device)) if device.type == "cuda" else _target.get()
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ def shared_bytes(cfg: BlockConfig, kind: str, bits: int, group: int, act_bytes: 
 def _fit(
     cfg: BlockConfig, kind: str, bits: int, group: int, act_bytes: int, limit: int
 ) -> BlockConfig:
-    """`cfg` with fewer stages, then a shorter K tile, until it fits in `limit` bytes."""
+    """`cfg` with fewer stages, then a shorter K tile, then a narrower N tile, until it fits
+    in `limit` bytes."""
     while shared_bytes(cfg, kind, bits, group, act_bytes) > limit:
         if cfg.num_stages > 2:
             cfg = replace(cfg, num_stages=cfg.num_stages - 1)
@@ -155,6 +157,12 @@ def _fit(
         else:
             raise ValueError(f"no tile fits {limit} B of shared memory for {kind} W{bits}: {cfg}")
     return cfg
+
+
+def _heavy(kind: str, bits: int) -> bool:
+    """8-bit tiles, and 3-bit gate‖up (two tiles of two bit planes): the ones that spill at the
+    K tile (decode) or warp count (prefill) the other widths use."""
+    return bits == 8 or (bits == 3 and kind == "moe_gate_up")
 
 
 def _decode_warps(kind: str, bits: int, cfg: BlockConfig) -> int:
@@ -223,9 +231,8 @@ def _heuristic(
     act_bytes = act_dtype.itemsize
     if m <= DECODE_ROWS:
         stages = 6 if bits <= 3 else 4  # fewer bytes per K step: more steps in flight
-        # 8-bit tiles, and 3-bit gate‖up (two tiles of two planes), spill at 128-code K tiles.
-        short = bits == 8 or (bits == 3 and kind == "moe_gate_up")
-        cfg = BlockConfig(16, 64, 64 if short else 128, num_warps=4, num_stages=stages)
+        cfg = BlockConfig(16, 64, 64 if _heavy(kind, bits) else 128, num_warps=4,
+                          num_stages=stages)  # fmt: skip
         code_bytes = (2 if kind == "moe_gate_up" else 1) * batches * n * k * bits // 8
 
         def programs(c: BlockConfig) -> int:
@@ -245,8 +252,7 @@ def _heuristic(
             cfg = replace(cfg, block_n=MIN_DOT, block_k=min(cfg.block_k, 64))
         cfg = replace(cfg, num_warps=_decode_warps(kind, bits, cfg))
     else:
-        # 8-bit tiles, and 3-bit gate‖up (two tiles of two planes), spill at 4 warps.
-        warps = 8 if bits == 8 or (bits == 3 and kind == "moe_gate_up") else 4
+        warps = 8 if _heavy(kind, bits) else 4
         if m <= 64:
             cfg = BlockConfig(32, 64, 64, num_warps=warps, num_stages=4)
         else:
@@ -281,8 +287,7 @@ def choose(
     would not fit the device's shared memory), else `heuristic` for the device's target."""
     target = target_of(device)
     if device.type == "cuda" and not interpreted():
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        entries = _table(_device_name(index)).get(kind, {}).get(f"{bits}:{n}:{k}")
+        entries = _table(_device_name(_cuda_index(device))).get(kind, {}).get(f"{bits}:{n}:{k}")
         if entries:
             ms = sorted(int(x) for x in entries)
             pick = next((x for x in ms if x >= m), ms[-1])
