@@ -32,7 +32,8 @@ METHODS = ("rtn", "gptq", "awq", "mbq", "veq-me", "veq-ma", "veq")
 def build(depth: int, samples: int):
     from transformers import Qwen3VLMoeForConditionalGeneration
 
-    from veq.calib.data import builtin_conversations, encode_conversation
+    from veq.calib.data import encode_conversation
+    from veq.calib.sources import builtin_conversations
     from veq.models.processor import build_processor
     from veq.testing import qwen3_vl_moe_config
 

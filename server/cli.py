@@ -17,6 +17,11 @@ from veq import __version__
 from veq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 METHODS = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq")
+CALIB_HELP = (
+    "calibration source: builtin (photographs + text-only turns), shapes (the bundled model's "
+    "task), a JSONL file, or hf:NAME[:SPLIT] (default: the model's own: shapes for mini, else "
+    "builtin)"
+)
 
 
 class CLIError(Exception):
@@ -44,7 +49,7 @@ def _add_recipe(p: argparse.ArgumentParser, bits_help: str) -> None:
     p.add_argument(
         "--group-size", type=_group_size, default=128, help="32, 64, 128 or 'channel' (default 128)"
     )
-    p.add_argument("--calib", default="builtin", help="builtin, a JSONL file, or an HF dataset")
+    p.add_argument("--calib", default=None, help=CALIB_HELP)
 
 
 def _gamma(text: str) -> float | str:
@@ -497,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="held-out set offset (default 0)")
     p.add_argument("--samples", type=int, default=600, help="held-out questions (default 600)")
     p.add_argument("--calib-seed", type=_ints, default=(0,), help="calibration seed(s), comma list")
-    p.add_argument("--calib", default="builtin", help="builtin, a JSONL file, or an HF dataset")
+    p.add_argument("--calib", default="shapes", help=CALIB_HELP)
     p.add_argument("--calib-samples", type=int, default=128, help="calibration samples")
     p.add_argument("--cache-dir", help="cache directory (default: $VEQ_CACHE_DIR or ~/.cache/veq)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="device (default: auto)")

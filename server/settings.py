@@ -61,8 +61,11 @@ class ServeSettings(BaseSettings):
     group_size: int | None = Field(
         128, description="Input features per scale: 32, 64, 128, or 'channel' (one per row)."
     )
-    calib: str = Field(
-        "builtin", min_length=1, description="Calibration data: builtin, a JSONL file, hf:NAME."
+    calib: str | None = Field(
+        None,
+        min_length=1,
+        description="Calibration data: builtin, shapes, a JSONL file or hf:NAME; default: the "
+        "model's own (shapes for mini, else builtin).",
     )
     samples: int = Field(32, ge=1, description="Calibration samples used when quantizing.")
     gamma: float | Literal["auto"] = Field(

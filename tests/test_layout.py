@@ -1,4 +1,5 @@
-"""Project-wide invariants: the import floors (kernels <- veq <- server) and the packages."""
+"""Project-wide invariants: the import floors (kernels <- veq <- server), no import cycles, and
+the packages (the wheel ships the library, not the development tools)."""
 
 import ast
 import importlib
@@ -7,7 +8,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = {"kernels": {"veq", "server"}, "veq": {"server"}, "server": set()}
+FORBIDDEN = {
+    "kernels": {"veq", "server", "refmodel"},
+    "veq": {"server", "refmodel"},
+    "server": {"refmodel"},
+    "refmodel": {"server"},
+}
+PACKAGES = ("kernels", "veq", "server", "refmodel")
 
 
 def _imported_roots(path: Path) -> set[str]:
@@ -35,3 +42,79 @@ def test_packages_import_from_their_folders(package):
     module = importlib.import_module(package)
     assert Path(module.__file__).resolve().parent == ROOT / package
     assert module.__doc__
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module → the project modules it imports anywhere in its body (function-level imports
+    too: a lazy import hides a cycle from Python, not from the design)."""
+    paths = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                # `from pkg import mod` imports the module pkg.mod; `from mod import name` mod.
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names
+                ]
+            edges |= {t for t in targets if t in paths and t != name}
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
+    assert "veq.calib.sources" in graph["veq.reference"]  # the graph sees real edges
+    assert not _cycles(graph)
+
+
+def test_cycle_detection_sees_lazy_imports():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

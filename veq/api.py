@@ -25,18 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from veq.calib.data import (
-    CalibSample,
-    check_source,
-    conversations,
-    encode_conversation,
-    fingerprint,
-)
+from veq.calib.data import CalibSample, encode_conversation, fingerprint
 from veq.calib.gamma import resolve_gamma
 from veq.calib.pipeline import Calibrator, QuantReport
+from veq.calib.sources import check_source, conversations
 from veq.checkpoint import REPORT, load_checkpoint, save_checkpoint, verify
 from veq.models import get_architecture, image_token_id, synthetic
 from veq.recipe import Recipe
+from veq.reference import MINI_CALIB, MINI_DIR
 
 log = logging.getLogger(__name__)
 # bench/gpu_suite.py reads the "... in X s" INFO lines below from `veq serve` logs to say where
@@ -45,7 +41,20 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "VEQ_CACHE_DIR"
 
 #: Models shipped inside the package, by the name every command accepts for `--model`.
-BUNDLED: dict[str, Path] = {"mini": Path(__file__).resolve().parent / "reference" / "mini"}
+BUNDLED: dict[str, Path] = {"mini": MINI_DIR}
+#: The calibration source a bundled model's recipes use when none is named: its own task.
+BUNDLED_CALIB: dict[str, str] = {"mini": MINI_CALIB}
+#: The calibration source of every other model (`veq.calib.sources`).
+DEFAULT_CALIB = "builtin"
+
+
+def default_calib(model: nn.Module | str | Path) -> str:
+    """The calibration source used for `model` when the caller names none."""
+    if isinstance(model, (str, Path)):
+        for name, path in BUNDLED.items():
+            if str(model) == name or Path(model).resolve() == path.resolve():
+                return BUNDLED_CALIB[name]
+    return DEFAULT_CALIB
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -178,7 +187,7 @@ def quantize(
     method: str = "veq",
     bits: int = 4,
     group_size: int | None = 128,
-    calib: str = "builtin",
+    calib: str | None = None,
     samples: int = 128,
     seed: int = 0,
     gamma: float | str = "auto",
@@ -193,8 +202,10 @@ def quantize(
     """Quantize `model` (directory, HF id, or module + `processor`) and write its checkpoint.
 
     With `out=None` the checkpoint goes to the cache (`cache_root()`), keyed by model, recipe and
-    calibration set; a verified cache entry is returned without recomputation.
+    calibration set; a verified cache entry is returned without recomputation. `calib=None`
+    uses the model's own source (`default_calib`).
     """
+    calib = calib or default_calib(model)
     recipe = Recipe(
         method=method,
         bits=bits,

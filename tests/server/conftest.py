@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import socket
 import threading
@@ -18,18 +17,15 @@ from PIL import Image
 from server.app import build_app
 from server.settings import ServeSettings
 from veq.models.processor import build_processor
+from veq.testing import tiny_model
 
 API_KEY, ADMIN_KEY = "test-key", "admin-key"
 
 
 def _tiny_model_dir(path: Path) -> Path:
-    spec = importlib.util.spec_from_file_location(
-        "veq_test_models", Path(__file__).parents[1] / "veq" / "conftest.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """`path` holding `veq.testing.tiny_model("qwen3_vl_moe")` (fp32) and the processor."""
     processor = build_processor()
-    module.build_model("qwen3_vl_moe", processor).save_pretrained(path)
+    tiny_model("qwen3_vl_moe", processor).save_pretrained(path)
     processor.save_pretrained(path)
     return path
 

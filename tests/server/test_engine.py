@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from server.engine import Engine, GenerationRequest, SamplingParams
 from server.engine.runner import ModelInfo, ModelRunner
-from veq.calib.data import builtin_conversations
+from veq.calib.sources import builtin_conversations
 from veq.models.processor import build_processor
+from veq.testing import tiny_model
 
 
 @pytest.fixture(scope="module")
 def setup():
-    spec = importlib.util.spec_from_file_location(
-        "veq_test_models", Path(__file__).parents[1] / "veq" / "conftest.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     processor = build_processor()
-    model = module.build_model("qwen3_vl_moe", processor)
+    model = tiny_model("qwen3_vl_moe", processor)
     prompts = []
     for conv in builtin_conversations(4, seed=1):  # three with photos of different sizes, one text
         text = processor.apply_chat_template(

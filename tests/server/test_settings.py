@@ -33,7 +33,8 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 def test_defaults() -> None:
     s = ServeSettings()
-    assert (s.model, s.method, s.bits, s.group_size, s.calib) == ("mini", "veq", 4, 128, "builtin")
+    # calib None: the model's own source (`veq.api.default_calib`: shapes for mini).
+    assert (s.model, s.method, s.bits, s.group_size, s.calib) == ("mini", "veq", 4, 128, None)
     assert (s.host, s.port, s.device, s.gamma, s.samples) == ("127.0.0.1", 8000, "auto", "auto", 32)
     assert s.api_key is None and s.admin_key is None
     assert s.served_model_name == "mini" and s.model_id == "mini"

@@ -1,30 +1,21 @@
-"""Tiny models of the three supported layouts, built in code, and calibration data for them."""
+"""Tiny models of the three supported layouts (`veq.testing.tiny_model`) and calibration data
+for them."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
 
-from veq.calib.data import CalibSample, builtin_conversations, encode_conversation
+from veq.calib.data import CalibSample, encode_conversation
+from veq.calib.sources import builtin_conversations
 from veq.models.processor import build_processor
-from veq.testing import qwen3_vl_moe_config
+from veq.testing import tiny_model as build_tiny_model
+from veq.testing_kimi import register
 from veq.tokens import TokenKind
 
-
-def _remote():
-    spec = importlib.util.spec_from_file_location(
-        "kimi_vl_remote", Path(__file__).with_name("kimi_vl_remote.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.register()
-    return module
-
-
-kimi_vl_remote = _remote()
+# As `trust_remote_code` would: the Auto classes know `kimi_vl` before any test loads one.
+register()
 
 
 @pytest.fixture(scope="session")
@@ -32,47 +23,8 @@ def processor():
     return build_processor()
 
 
-def build_model(layout: str, processor, seed: int = 0):
-    """A fresh tiny model of `layout` (fp32, eval mode), deterministic from `seed`."""
-    from transformers import AutoModelForImageTextToText
-    from transformers.models.kimi_k25.configuration_kimi_k25 import Kimi_K25Config
-
-    torch.manual_seed(seed)
-    tok = processor.tokenizer
-    image = tok.convert_tokens_to_ids("<|image_pad|>")
-    if layout == "qwen3_vl_moe":
-        config = qwen3_vl_moe_config(processor)
-    elif layout == "kimi_vl":
-        config = kimi_vl_remote.KimiVLConfig(
-            text_config=kimi_vl_remote.text_config(len(tok)), media_placeholder_token_id=image
-        )
-    elif layout == "kimi_k25":
-        config = Kimi_K25Config(
-            text_config=dict(model_type="deepseek_v3", **kimi_vl_remote.text_config(len(tok))),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                pos_emb_height=8,
-                pos_emb_width=8,
-            ),
-            projection_hidden_size=128,
-            image_token_id=image,
-            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        )
-    else:
-        raise AssertionError(layout)
-    model = AutoModelForImageTextToText.from_config(config).eval()
-    # Random init leaves tiny experts nearly identical; widen the spread so methods differ.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2 and "embed" not in name:
-                p.normal_(0.0, 0.08)
-    return model
-
-
-def make_samples(layout: str, processor, n: int, seed: int) -> list[CalibSample]:
+def make_samples(layout: str, processor: Any, n: int, seed: int) -> list[CalibSample]:
+    """`n` built-in conversations (from `seed`) encoded for `layout`."""
     image = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     samples = [
         encode_conversation(processor, c, image) for c in builtin_conversations(n, seed=seed)
@@ -105,5 +57,5 @@ def calib(processor):
 
 @pytest.fixture(scope="session")
 def tiny_model(processor):
-    """`tiny_model(layout, seed=0)` -> a fresh model."""
-    return lambda layout, seed=0: build_model(layout, processor, seed)
+    """`tiny_model(layout, seed=0)` -> a fresh model (`veq.testing.tiny_model`)."""
+    return lambda layout, seed=0: build_tiny_model(layout, processor, seed)

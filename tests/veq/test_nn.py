@@ -17,6 +17,7 @@ from veq.config import QuantConfig
 from veq.format.pack import packed_nbytes
 from veq.nn import QuantLinear, QuantMoEExperts, kernel_path
 from veq.quantizer import QuantizedWeight, quantize_weight
+from veq.testing import qwen3_vl_moe_text_config
 
 CFGS = [
     QuantConfig(bits=4, group_size=32, symmetric=False),
@@ -68,13 +69,15 @@ def test_dtype_casts_do_not_touch_scales(make_weight, make_inputs):
     assert lin.packed_weight().scale.dtype == torch.float16
 
 
-def _tiny_moe(num_experts: int = 8, hidden: int = 64, inter: int = 32, top_k: int = 2):
+def _tiny_moe(
+    num_experts: int = 8, hidden: int = 64, inter: int = 32, top_k: int = 2
+) -> Qwen3VLMoeTextConfig:
+    """The `veq.testing` Qwen3-VL-MoE text config for one MoE block (`num_experts` experts
+    `hidden` -> `inter` -> `hidden`, `top_k` per token), experts run eagerly."""
     config = Qwen3VLMoeTextConfig(
-        hidden_size=hidden,
-        moe_intermediate_size=inter,
-        num_experts=num_experts,
-        num_experts_per_tok=top_k,
-        hidden_act="silu",
+        **qwen3_vl_moe_text_config(
+            vocab=256, hidden=hidden, experts=num_experts, moe_intermediate=inter, top_k=top_k
+        )
     )
     config._experts_implementation = "eager"
     return config

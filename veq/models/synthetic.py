@@ -220,42 +220,34 @@ def parse_spec(spec: str | SyntheticSpec) -> SyntheticSpec:
 
 
 def build_config(spec: str | SyntheticSpec, processor: Any) -> Any:
-    """The `Qwen3VLMoeConfig` of `spec`, token ids wired to `processor` (`build_processor()`).
-
-    Built by `veq.testing.qwen3_vl_moe_config`, then the numbers that helper derives rather than
-    takes (head_dim, intermediate sizes, vision heads, RoPE, vocabulary) are set from the preset.
-    """
+    """The `Qwen3VLMoeConfig` of `spec`, token ids wired to `processor` (`build_processor()`):
+    `veq.testing.qwen3_vl_moe_config` with every number of the preset, weights typed as the
+    preset's storage dtype."""
     from veq.testing import qwen3_vl_moe_config
 
-    s = parse_spec(spec)
-    p = s.preset
+    p = parse_spec(spec).preset
     config = qwen3_vl_moe_config(
         processor,
+        vocab=p.vocab,
         hidden=p.hidden,
         layers=p.layers,
         experts=p.experts,
         top_k=p.top_k,
         moe_intermediate=p.moe_intermediate,
+        intermediate=p.intermediate,
         heads=p.heads,
         kv_heads=p.kv_heads,
+        head_dim=p.head_dim,
+        rope_theta=p.rope_theta,
+        mrope_section=p.mrope_section,
+        max_positions=p.max_positions,
         vision_hidden=p.vision_hidden,
         vision_depth=p.vision_depth,
+        vision_heads=p.vision_heads,
+        vision_intermediate=p.vision_intermediate,
+        vision_positions=p.vision_positions,
         deepstack=p.deepstack,
     )
-    text, vision = config.text_config, config.vision_config
-    text.head_dim = p.head_dim
-    text.intermediate_size = p.intermediate
-    text.vocab_size = p.vocab or len(processor.tokenizer)
-    text.max_position_embeddings = p.max_positions
-    text.rope_parameters = {
-        "rope_type": "default",
-        "rope_theta": p.rope_theta,
-        "mrope_section": list(p.mrope_section),
-        "mrope_interleaved": True,
-    }
-    vision.num_heads = p.vision_heads
-    vision.intermediate_size = p.vision_intermediate
-    vision.num_position_embeddings = p.vision_positions
     config.dtype = p.dtype
     return config
 

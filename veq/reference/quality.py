@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from veq import api
+from veq.reference import MINI_CALIB
 from veq.reference.encode import Batch, Encoder
 from veq.reference.evaluate import AnswerScores, heldout_samples, score_batch, summarize
 from veq.reference.shapes import FAMILIES, HELDOUT_SEEDS
@@ -102,7 +103,7 @@ class QualityRun:
         *,
         samples: int = 600,
         seed: int = 0,
-        calib: str = "builtin",
+        calib: str = MINI_CALIB,
         calib_samples: int = 128,
         cache_dir: str | Path | None = None,
         device: str | torch.device | None = None,

@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from veq.calib.data import (
-    CalibrationError,
-    builtin_conversations,
-    conversations,
-    encode_conversation,
-    fingerprint,
-    load_jsonl,
-)
+from veq.calib import sources
+from veq.calib.data import CalibrationError, encode_conversation, fingerprint
+from veq.calib.sources import builtin_conversations, conversations, load_jsonl
 from veq.tokens import TokenKind
 
 
@@ -30,6 +25,31 @@ def test_builtin_set_is_offline_deterministic_and_mixed():
     with_images = [c for c in a if c.images]
     assert with_images and len(with_images) < len(a)  # photos and text-only turns
     assert all(img.mode == "RGB" and max(img.size) <= 224 for c in with_images for img in c.images)
+
+
+def test_builtin_is_photographs_and_text_only_turns():
+    """Nothing synthetic: every image conversation is a shipped photograph with its caption."""
+    captions = {caption for caption, _ in sources._PHOTOS.values()}
+    convs = builtin_conversations(40, seed=1)
+    for conv in convs:
+        if conv.images:
+            assert conv.messages[1]["content"] in captions
+        else:
+            assert len(conv.messages) == 2 and isinstance(conv.messages[0]["content"], str)
+    assert sum(not c.images for c in convs) == 10
+
+
+def test_registry_names_the_sources_and_defaults_per_model():
+    import veq.reference  # registers `shapes`
+    from veq.api import default_calib
+
+    assert {s.name for s in sources.registered()} >= {"builtin", "shapes"}
+    shapes = conversations("shapes", 8, seed=2)
+    assert shapes == veq.reference.shapes_conversations(8, seed=2)
+    answers = {m["content"] for c in shapes if c.images for m in c.messages[1::2]}
+    assert answers and answers <= set(veq.reference.shapes.answer_words())
+    assert default_calib("mini") == default_calib(veq.reference.MINI_DIR) == "shapes"
+    assert default_calib("Qwen/Qwen3-VL-30B-A3B-Instruct") == "builtin"
 
 
 def test_token_kinds_mark_answers_and_image_tokens(processor):
@@ -97,7 +117,8 @@ def test_jsonl_errors_are_clear(tmp_path, content, message):
 
 
 def test_spec_errors(tmp_path):
-    with pytest.raises(CalibrationError, match="does not exist"):
+    known = r"not a file, 'hf:NAME' or a known name \(.*builtin"
+    with pytest.raises(CalibrationError, match=known):
         conversations(str(tmp_path / "nope.jsonl"), 4)
     with pytest.raises(CalibrationError, match="at least one"):
         conversations("builtin", 0)

@@ -1,9 +1,14 @@
-"""A small reproduction of Kimi-VL-A3B's remote-code layout (its modeling file is not in
-transformers): `language_model.model.layers[i].mlp` holds `experts` as a ModuleList of MLPs, a
-`MoEGate` router returning `(topk_idx, topk_weight)`, and `shared_experts`; the first layer is
-dense; attention is DeepSeek-V3 MLA. Module names and routing follow the original so the
-adapter table is exercised as it would be on the real checkpoint. The vision tower is a stub
+"""A small reproduction of Kimi-VL-A3B's remote-code layout, for `veq.testing.tiny_model`.
+
+Its modeling file is not in transformers (the real checkpoint ships it as `trust_remote_code`):
+`language_model.model.layers[i].mlp` holds `experts` as a ModuleList of MLPs, a `MoEGate`
+router returning `(topk_idx, topk_weight)`, and `shared_experts`; the first layer is dense;
+attention is DeepSeek-V3 MLA. Module names and routing follow the original so the adapter table
+(`veq.models`) is exercised as it would be on the real checkpoint. The vision tower is a stub
 that consumes Qwen-format patches (so the offline processor can feed it), merged 2×2.
+
+Test support only: `import veq` does not import it (it imports transformers' DeepSeek-V3).
+`register()` makes the Auto classes know `kimi_vl`, as `trust_remote_code` does.
 """
 
 from __future__ import annotations
@@ -138,8 +143,12 @@ def register() -> None:
         pass  # already registered in this process
 
 
-def text_config(vocab_size: int, **overrides: object) -> dict:
-    cfg = dict(
+def text_config(vocab_size: int, **overrides: object) -> dict[str, object]:
+    """The DeepSeek-V3 text config (kwargs) of both tiny Kimi layouts: 2 layers of width 64, the
+    first dense (MLP 128), then 8 routed experts top-2 plus 1 shared, each 64 -> 32 -> 64; MLA
+    with 4 heads (KV LoRA rank 32, q/k 8 rope + 8 nope dims, v 16); `[vocab_size, 64]`
+    embeddings and an untied lm_head. `overrides` replace any of these."""
+    cfg: dict[str, object] = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
