@@ -13,7 +13,7 @@ controls, zeroes either set. For comparison it runs RTN at 3 and 2 bits (asymmet
 reports how large the largest input to a quantized projection is against the median one: LLMs
 have outlier channels there, which is much of why rounding hurts them. Accuracy is exact match
 on held-out ShapesVQA questions. Several models (e.g. shallower variants trained with
-`python -m veq.reference.train --layers N`) go in one table. The tables go to BENCHMARKS.md
+`python -m refmodel.train --layers N`) go in one table. The tables go to BENCHMARKS.md
 (section `robustness`).
 """
 

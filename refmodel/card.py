@@ -7,7 +7,7 @@ sensitivity to round-to-nearest quantization through the project's own pipeline
 (`veq.calib.gamma.measure_gamma`, both text definitions). Writes `card.json` (the numbers, which
 tests read) and `MODEL_CARD.md` (the same numbers for people). It does not train.
 
-    python -m veq.reference.card --model veq/reference/mini --run /tmp/veq-runs/mini
+    python -m refmodel.card --model veq/reference/mini --run /tmp/veq-runs/mini
 
 Shape legend: T tokens, E experts, A top-k, L layers.
 """
@@ -28,26 +28,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from veq.reference.encode import Encoder, calibration_conversations, write_calibration_jsonl
-from veq.reference.evaluate import evaluate, heldout_samples
+from refmodel.plain import plain_set
+from veq.reference import MINI_CALIB
+from veq.reference.encode import Encoder, calibration_conversations
+from veq.reference.evaluate import evaluate, heldout_samples, load_reference
 from veq.reference.shapes import CALIB_SEEDS, FAMILIES, HELDOUT_SEEDS, TRAIN_SEEDS, VALID_SEEDS
 
-log = logging.getLogger("veq.reference.card")
+log = logging.getLogger("refmodel.card")
 
 CARD_JSON = "card.json"
 CARD_MD = "MODEL_CARD.md"
 #: The test suite re-evaluates the first SMOKE_QUESTIONS held-out questions and compares.
 SMOKE_QUESTIONS = 64
-
-
-def load_reference(path: str | Path) -> tuple[nn.Module, Any]:
-    """The 16-bit reference model (fp32 in memory, eval mode) and its processor."""
-    from transformers import AutoModelForImageTextToText
-
-    from veq.models.processor import load_processor
-
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
-    return model, load_processor(path)
+#: Questions per family of the plain drawings (`refmodel.plain`) the card reports.
+PLAIN_PER_FAMILY = 60
 
 
 @torch.no_grad()
@@ -127,14 +121,14 @@ def quantized_accuracy(
     method: str,
     bits: int,
     questions: Sequence[Any],
+    plain: Sequence[Any],
     *,
     group_size: int = 128,
     samples: int = 8,
     cache_dir: Path,
-    calib: Path,
 ) -> dict[str, Any]:
-    """Quantize `model_dir` through `veq.quantize` (ShapesVQA calibration JSONL), load it with
-    `veq.load` and evaluate on `questions`."""
+    """Quantize `model_dir` through `veq.quantize` (the `shapes` calibration source), load it
+    with `veq.load` and evaluate on the held-out `questions` and the `plain` drawings."""
     import veq
 
     t0 = time.perf_counter()
@@ -143,7 +137,7 @@ def quantized_accuracy(
         method=method,
         bits=bits,
         group_size=group_size,
-        calib=str(calib),
+        calib=MINI_CALIB,
         samples=samples,
         gamma=1.0,
         cache_dir=cache_dir,
@@ -159,6 +153,7 @@ def quantized_accuracy(
         "group_size": group_size,
         "quantize_seconds": round(seconds, 1),
         **res.as_dict(),
+        "plain": evaluate(model, processor, plain).as_dict(),
     }
 
 
@@ -177,7 +172,7 @@ def _training_wall_seconds(run: Path) -> float | None:
 def measure(
     model_dir: Path,
     *,
-    questions: int = 1800,
+    questions: int = 2100,
     sensitivity: Sequence[tuple[str, int]] = (
         ("rtn", 8),
         ("rtn", 4),
@@ -193,13 +188,17 @@ def measure(
     t0 = time.perf_counter()
     base = evaluate(model, processor, held)
     smoke = evaluate(model, processor, held[:SMOKE_QUESTIONS])
+    drawings = plain_set(PLAIN_PER_FAMILY)
+    plain = evaluate(model, processor, drawings)
     log.info("16-bit: %s (%.0fs)", base.summary(), time.perf_counter() - t0)
+    log.info("16-bit, plain drawings: %s", plain.summary())
     info = json.loads((model_dir / "training.json").read_text())
     card: dict[str, Any] = {
         "model": model_dir.name,
         "training": info,
         "heldout": {"seed": HELDOUT_SEEDS.start, **base.as_dict()},
         "smoke": {"questions": SMOKE_QUESTIONS, "accuracy": smoke.accuracy},
+        "plain": plain.as_dict(),
     }
     if run is not None:
         card["training"]["wall_seconds"] = _training_wall_seconds(run)
@@ -214,10 +213,9 @@ def measure(
     log.info("gamma %s", card["gamma"])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        calib = write_calibration_jsonl(Path(tmp) / "calib", 8)
         for method, bits in sensitivity:
             row = quantized_accuracy(
-                model_dir, method, bits, held, cache_dir=Path(tmp) / "cache", calib=calib
+                model_dir, method, bits, held, drawings, cache_dir=Path(tmp) / "cache"
             )
             row["drop_points"] = round(100 * (base.accuracy - row["accuracy"]), 2)
             log.info(
@@ -241,20 +239,26 @@ def render(card: dict[str, Any]) -> str:
     t = card["training"]
     size, cfg = t["size"], t["train"]
     h = card["heldout"]
+    p = card["plain"]
     wall = t.get("wall_seconds")
     lines = [
         f"# {card['model']}: the ShapesVQA reference model",
         "",
         "A small Qwen3-VL-MoE-architecture vision-language model trained from scratch on",
-        "ShapesVQA (`veq.reference.shapes`), a procedurally generated VQA task: 1–4 coloured",
-        "shapes (circle, square, triangle, cross; six colours) on a dark, sometimes noisy",
-        "128×128 background, one shape per image quadrant at a jittered position and size, and",
-        "questions about colour, shape, count, existence and position, plus text-only questions",
-        "(arithmetic, number order, word order). Every answer is one word and one token. It is",
-        "veq's quality reference: `veq eval` measures quantization methods on it. It is a test",
-        "instrument, not a general-purpose model.",
+        "ShapesVQA (`veq.reference.shapes`), a procedurally generated VQA task with domain",
+        "randomisation: 1–6 shapes (circle, square, triangle, cross) in eleven colour words (red,",
+        "orange, yellow, green, blue, purple, pink, brown, black, grey, white; each a range of",
+        "hues, saturations and values) anywhere on images of 64–512 px with aspect ratios up to",
+        "2:1; white, light, grey, dark, gradient and noisy backgrounds; filled, outlined and",
+        "hollow shapes from 8 % to 60 % of the short side, overlapping a little at most; aliased",
+        "and anti-aliased edges. Questions about colour, shape, count, existence and position,",
+        "text-only questions (arithmetic, number order, word order), and chat: greetings and",
+        '"what can you do?" get a one-line self-description, off-task requests a polite',
+        "refusal. Vision and text answers are one word and one token. It is veq's quality",
+        "reference (`veq eval` measures quantization methods on it) and the model `make serve`",
+        "answers with; it is a test instrument, not a general-purpose model.",
         "",
-        "Every number below was measured by `python -m veq.reference.card` on this directory.",
+        "Every number below was measured by `python -m refmodel.card` on this directory.",
         "",
         "## Configuration",
         "",
@@ -267,7 +271,8 @@ def render(card: dict[str, Any]) -> str:
         f"| MoE | {size['experts']} experts, top-{size['top_k']}, expert width "
         f"{size['moe_intermediate']}, every layer |",
         f"| vision tower | depth {size['vision_depth']}, hidden {size['vision_hidden']}, "
-        f"patch 16, merge 2 (16 tokens per image), deepstack {list(size['deepstack'])} |",
+        f"patch 16, merge 2, deepstack {list(size['deepstack'])} |",
+        "| images | resized (aspect kept) to 128²–192² pixels: 16–36 vision tokens |",
         "| tokenizer | byte-level BPE, task words as whole tokens, Qwen chat template |",
         "",
         "## Training",
@@ -278,18 +283,18 @@ def render(card: dict[str, Any]) -> str:
         f"- Loss: cross-entropy on answer tokens (answer + `<|im_end|>`), plus "
         f"{cfg['balance_coef']} × load-balancing loss, plus {cfg['aux_weight']} × an auxiliary "
         "per-cell classification on the vision tower's merged tokens (colour and shape of the "
-        "object in the cell's quadrant, and the cell's own quadrant; a training-only head, not "
-        "shipped).",
+        "object covering most of the cell, the number of object centres in it, and the cell's "
+        "own column and row; a training-only head, not shipped).",
         f"- AdamW, lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine to {cfg['min_lr_ratio']}×), "
         f"weight decay {cfg['weight_decay']}, clip {cfg['clip']}, seed {cfg['seed']}; fp32 on "
-        "CPU with one thread.",
+        "CPU (two threads).",
         f"- Training time: {t['train_seconds'] / 60:.1f} min of step time"
         + (f", {wall / 60:.1f} min wall clock (with validation)." if wall else "."),
         f"- Data: training seeds {_range(TRAIN_SEEDS)}, validation (used while training) "
         f"{_range(VALID_SEEDS)}, calibration {_range(CALIB_SEEDS)}, held-out (this card only) "
         f"{_range(HELDOUT_SEEDS)}.",
-        "- Reproduce: `python -m veq.reference.train --run RUN --steps "
-        f"{t['steps']}` then `python -m veq.reference.train export --run RUN --out DIR`.",
+        "- Reproduce: `python -m refmodel.train --run RUN --steps "
+        f"{t['steps']}` then `python -m refmodel.train export --run RUN --out DIR`.",
         "",
         "## Held-out accuracy (16-bit)",
         "",
@@ -305,6 +310,23 @@ def render(card: dict[str, Any]) -> str:
     lines += [
         f"| **overall** | {h['n']} | **{_pct(h['accuracy'])}** |",
         "",
+        "## Pictures it was not trained on (16-bit)",
+        "",
+        "`refmodel.plain`: a second, deliberately different generator, what a newcomer draws",
+        'in a few lines of PIL. One shape in a CSS named colour (`fill="red"`), no jitter,',
+        "rotation, anti-aliasing or noise, centred or anywhere, on a white, light grey (200),",
+        'mid grey (128) or black canvas of 96², 128², 200² or 320×240 px, asked "What color',
+        'is the circle?" or "What shape is the object?"; and 1–3 separated shapes on white,',
+        'asked "How many shapes are there?".',
+        "",
+        "| family | questions | exact match % |",
+        "|---|---|---|",
+    ]
+    for fam, acc in p["per_family"].items():
+        lines.append(f"| {fam} | {p['per_family_n'][fam]} | {_pct(acc)} |")
+    lines += [
+        f"| **overall** | {p['n']} | **{_pct(p['accuracy'])}** |",
+        "",
         f"Mean answer negative log-likelihood: {h['answer_nll']:.4f} nats. The first "
         f"{card['smoke']['questions']} of these questions give {_pct(card['smoke']['accuracy'])} %;"
         " the test suite re-checks that.",
@@ -312,20 +334,25 @@ def render(card: dict[str, Any]) -> str:
         "## Sensitivity to quantization (g128, through `veq.quantize` + `veq.load`)",
         "",
         "Weights of the text decoder (attention and experts) quantized; the vision tower, router",
-        "and `lm_head` stay 16-bit. Calibration: 8 ShapesVQA conversations (RTN uses none).",
+        "and `lm_head` stay 16-bit. Calibration: 8 conversations of the `shapes` source (RTN",
+        "uses none).",
         "",
-        "| method | bits | exact match % | drop (points) | answer NLL |",
-        "|---|---|---|---|---|",
-        f"| none | 16 | {_pct(h['accuracy'])} | 0 | {h['answer_nll']:.4f} |",
+        "| method | bits | exact match % | drop (points) | answer NLL | plain drawings % | "
+        "kept of 16-bit (held-out / plain) |",
+        "|---|---|---|---|---|---|---|",
+        f"| none | 16 | {_pct(h['accuracy'])} | 0 | {h['answer_nll']:.4f} | "
+        f"{_pct(p['accuracy'])} | 100 % / 100 % |",
     ]
     for r in card["sensitivity"]:
+        kept = (r["accuracy"] / h["accuracy"], r["plain"]["accuracy"] / p["accuracy"])
         lines.append(
             f"| {r['method']} | {r['bits']} | {_pct(r['accuracy'])} | {r['drop_points']:.1f} | "
-            f"{r['answer_nll']:.4f} |"
+            f"{r['answer_nll']:.4f} | {_pct(r['plain']['accuracy'])} | "
+            f"{_pct(kept[0])} % / {_pct(kept[1])} % |"
         )
     lines += [
         "",
-        "Per family (exact match %):",
+        "Per family, held-out set (exact match %):",
         "",
         "| method | bits | " + " | ".join(FAMILIES) + " |",
         "|---|---|" + "---|" * len(FAMILIES),
@@ -335,6 +362,21 @@ def render(card: dict[str, Any]) -> str:
         lines.append(
             f"| {r['method']} | {r['bits']} | "
             + " | ".join(_pct(r["per_family"][f]) for f in FAMILIES)
+            + " |"
+        )
+    plain_families = list(p["per_family"])
+    lines += [
+        "",
+        "Per family, plain drawings (exact match %):",
+        "",
+        "| method | bits | " + " | ".join(plain_families) + " |",
+        "|---|---|" + "---|" * len(plain_families),
+        "| none | 16 | " + " | ".join(_pct(p["per_family"][f]) for f in plain_families) + " |",
+    ]
+    for r in card["sensitivity"]:
+        lines.append(
+            f"| {r['method']} | {r['bits']} | "
+            + " | ".join(_pct(r["plain"]["per_family"][f]) for f in plain_families)
             + " |"
         )
     lines += [
@@ -378,7 +420,7 @@ def render(card: dict[str, Any]) -> str:
             "",
             "## Validation accuracy while training",
             "",
-            "(validation seeds, 300 questions; not the held-out set)",
+            f"(validation seeds, {cfg['eval_questions']} questions; not the held-out set)",
             "",
             " · ".join(f"{r['step']}: {_pct(r['accuracy'])}" for r in hist),
         ]
@@ -386,8 +428,10 @@ def render(card: dict[str, Any]) -> str:
         "",
         "## Limitations",
         "",
-        "- Synthetic, closed-vocabulary task; the model knows nothing else.",
-        "- Images are 128×128 with at most one shape per quadrant; other sizes are untested.",
+        "- Synthetic, closed-vocabulary task; the model knows nothing else, and answers any",
+        "  question about an image as one of its task's questions.",
+        "- Positions are halves only (left/right, top/bottom), asked about shapes clearly off",
+        "  the middle; counting goes to six.",
     ]
     lines += _sensitivity_verdict(card)
     return "\n".join(lines) + "\n"
@@ -423,10 +467,10 @@ def write_card(model_dir: Path, card: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m veq.reference.card", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m refmodel.card", description=__doc__)
     p.add_argument("--model", type=Path, required=True, help="the exported model directory")
     p.add_argument("--run", type=Path, default=None, help="its training run (for wall time)")
-    p.add_argument("--questions", type=int, default=1800)
+    p.add_argument("--questions", type=int, default=2100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--render-only", action="store_true", help="re-render MODEL_CARD.md")
     a = p.parse_args(argv)

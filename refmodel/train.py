@@ -1,4 +1,4 @@
-"""Train the ShapesVQA reference model from scratch: `python -m veq.reference.train`.
+"""Train the ShapesVQA reference model from scratch: `python -m refmodel.train`.
 
 Owns the reference architecture (a small Qwen3-VL-MoE: widths multiples of 128 so g128 applies,
 16 experts, top-4, a load-balancing loss), the training loop (fp32, CPU by default, loss on
@@ -7,13 +7,13 @@ vision tower's merged tokens that shortens the vision plateau; the auxiliary hea
 the model), checkpoints every few hundred steps (resume by running the same command again),
 a progress and loss log, periodic validation accuracy per family, and `export`: the Hugging Face
 model directory (16-bit safetensors, config, processor files). It does not write the model card
-(`veq.reference.card`).
+(`refmodel.card`).
 
 Every training sequence is a pure function of its index (`TRAIN_SEEDS[step · batch + i]`), so a
 resumed run sees exactly the data an uninterrupted one would.
 
-    python -m veq.reference.train --run /tmp/veq-runs/mini --steps 4000
-    python -m veq.reference.train export --run /tmp/veq-runs/mini --out veq/reference/mini
+    python -m refmodel.train --run /tmp/veq-runs/mini --steps 4000
+    python -m refmodel.train export --run /tmp/veq-runs/mini --out veq/reference/mini
 """
 
 from __future__ import annotations
@@ -33,12 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from veq.reference.encode import CELLS, IMAGE_TOKENS, Batch, Encoder, reference_processor
+from veq.reference.encode import (
+    CELL_TARGETS,
+    POSITION_BINS,
+    Batch,
+    Encoder,
+    reference_processor,
+)
 from veq.reference.evaluate import evaluate
 from veq.reference.shapes import COLORS, SHAPES, TRAIN_SEEDS, VALID_SEEDS, evaluation_set
 from veq.reference.shapes import training_sample as make_training_sample
 
-log = logging.getLogger("veq.reference.train")
+log = logging.getLogger("refmodel.train")
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train.log"
@@ -112,27 +118,24 @@ def parameter_count(model: nn.Module) -> int:
 
 
 class CellHead(nn.Module):
-    """Auxiliary head on the merged vision tokens `[C, H]`: colour logits `[C, 1 + #colours]`,
-    shape logits `[C, 1 + #shapes]` (class 0: nothing in that cell's quadrant) and the cell's own
-    quadrant `[C, 4]`. Training only. The quadrant target keeps position in the tokens' content:
-    without it a probe of the merged tokens finds none, and position questions sit at chance."""
+    """Auxiliary head on the merged vision tokens `[C, H]`: one linear probe per target of
+    `veq.reference.encode.CELL_TARGETS` (the dominant object's colour and shape, the number of
+    object centres in the cell, the cell's column and row bin), each `[C, classes]`. Training
+    only: it teaches the vision tower to put what the questions need into every token."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.colors = nn.Linear(hidden, 1 + len(COLORS))
-        self.shapes = nn.Linear(hidden, 1 + len(SHAPES))
-        self.quadrants = nn.Linear(hidden, 4)
+        classes = {
+            "colors": 1 + len(COLORS),
+            "shapes": 1 + len(SHAPES),
+            "centres": 4,
+            "cols": POSITION_BINS,
+            "rows": POSITION_BINS,
+        }
+        self.probes = nn.ModuleDict({k: nn.Linear(hidden, classes[k]) for k in CELL_TARGETS})
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.colors(x), self.shapes(x), self.quadrants(x)
-
-
-def cell_quadrants(cells: int) -> torch.Tensor:
-    """The quadrant (0..3, QUADRANTS order) of each of `cells` merged tokens, 16 per image in
-    raster order over the 4×4 grid: `[cells]` int64."""
-    idx = torch.arange(IMAGE_TOKENS)
-    r, c = idx // CELLS, idx % CELLS
-    return ((r // 2) * 2 + c // 2).repeat(cells // IMAGE_TOKENS)
+    def loss(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(F.cross_entropy(self.probes[k](x), targets[k]) for k in CELL_TARGETS)
 
 
 def balance_loss(router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor, top_k: int):
@@ -223,7 +226,8 @@ class Trainer:
                     TRAIN_SEEDS[base + i], self.cfg.questions, self.cfg.text_fraction
                 )
                 for i in range(self.cfg.batch)
-            ]
+            ],
+            targets=True,
         )
 
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -235,13 +239,8 @@ class Trainer:
         balance = balance_loss(out.router_logits, batch.inputs["attention_mask"], self.size.top_k)
         loss = answer + self.cfg.balance_coef * balance
         parts = {"answer": answer, "balance": balance}
-        if self._merged and batch.cell_colors.numel():
-            colors, kinds, quadrants = self.head(self._merged[-1])
-            cells = (
-                F.cross_entropy(colors, batch.cell_colors)
-                + F.cross_entropy(kinds, batch.cell_shapes)
-                + F.cross_entropy(quadrants, cell_quadrants(batch.cell_colors.numel()))
-            )
+        if self._merged and batch.cells:
+            cells = self.head.loss(self._merged[-1], batch.cells)
             loss = loss + self.cfg.aux_weight * cells
             parts["cells"] = cells
         parts["loss"] = loss
@@ -369,7 +368,7 @@ def _from_args(cls: type, args: argparse.Namespace, stored: dict[str, Any] | Non
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
-        p = argparse.ArgumentParser(prog="python -m veq.reference.train export")
+        p = argparse.ArgumentParser(prog="python -m refmodel.train export")
         p.add_argument("--run", type=Path, required=True)
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
@@ -377,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         print(export(a.run, a.out, getattr(torch, a.dtype)))
         return
     p = argparse.ArgumentParser(
-        prog="python -m veq.reference.train",
+        prog="python -m refmodel.train",
         description="Train (or resume) the ShapesVQA reference model in a run directory.",
     )
     p.add_argument("--run", type=Path, required=True, help="run directory (resumes if present)")

@@ -118,3 +118,31 @@ def test_no_import_cycles():
 
 def test_cycle_detection_sees_lazy_imports():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_library_not_the_development_tools(tmp_path):
+    """`pip install .` gets the packages and the bundled model, never `refmodel/` (trainer,
+    card renderer) or the tests."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    # A copy, so that setuptools' build/ neither lands in the checkout nor serves stale files.
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "tests", "bench")
+    shutil.copytree(ROOT, src, ignore=skip)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(tmp_path), str(src)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("veq-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"veq", "kernels", "server"}, tops
+    assert "veq/reference/mini/model.safetensors" in names
+    assert {"veq/reference/evaluate.py", "veq/reference/quality.py"} <= names
+    assert not {n for n in names if n.endswith(("/train.py", "/card.py"))}

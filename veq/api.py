@@ -292,6 +292,7 @@ def quantize(
         on_layer=on_layer,
     )
     calibrator.report.gamma_detail = detail
+    calibrator.report.calib = "" if recipe.data_free else calib
     result = calibrator.run()
     log.info(
         "calibrated %d layers (%s) in %.1f s",

@@ -124,6 +124,26 @@ def png():
     return png_data_url
 
 
+@pytest.fixture(scope="module")
+def mini_server(tmp_path_factory):
+    """The bundled `mini` served with `make serve`'s recipe (VEQ, 4 bits, g128, the model's own
+    calibration source), on fewer calibration samples so that tests stay quick."""
+    from veq.reference import MINI_DIR
+
+    settings = make_settings(
+        MINI_DIR,
+        tmp_path_factory.mktemp("cache"),
+        method="veq",
+        bits=4,
+        group_size=128,
+        samples=8,
+        gamma="auto",
+    )
+    server = LiveServer(settings).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def server_factory(tiny_dir, tmp_path):
     """`server_factory(**settings)` -> a started LiveServer (stopped after the test)."""

@@ -54,9 +54,8 @@ def test_settings_grid_and_mixed_precision_widths():
 
 @needs_mini
 def test_eval_writes_consistent_rows(tmp_path, capsys):
-    from veq.reference.card import load_reference
     from veq.reference.encode import write_calibration_jsonl
-    from veq.reference.evaluate import evaluate, heldout_samples
+    from veq.reference.evaluate import evaluate, heldout_samples, load_reference
 
     calib = write_calibration_jsonl(tmp_path / "calib", 4)
     out = tmp_path / "rows.json"

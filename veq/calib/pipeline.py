@@ -80,14 +80,17 @@ class QuantReport:
     tokens: int = 0
     layers: int = 0
     gamma_detail: dict[str, Any] = field(default_factory=dict)
+    calib: str = ""
+    """The calibration source (`veq.calib.sources` spec), or "" when data-free."""
 
     def summary(self) -> str:
         by_bits: dict[int, int] = {}
         for b in self.bits.values():
             by_bits[b] = by_bits.get(b, 0) + 1
         lines = [
-            f"method {self.method}: {self.layers} layers, {self.samples} samples, "
-            f"{self.tokens} tokens, {self.seconds:.1f} s",
+            f"method {self.method}: {self.layers} layers, {self.samples} samples"
+            + (f" of {self.calib}" if self.calib else "")
+            + f", {self.tokens} tokens, {self.seconds:.1f} s",
             "modules by bits: " + ", ".join(f"{n}×W{b}" for b, n in sorted(by_bits.items())),
             f"weights: {self.bytes_16bit / 2**20:.2f} MiB (16-bit) -> "
             f"{self.bytes_quantized / 2**20:.2f} MiB packed "

@@ -1,26 +1,28 @@
 """ShapesVQA samples → model inputs, fast enough for a CPU training loop.
 
 Owns the reference processor (the offline processor of `veq.models.processor` with the ShapesVQA
-vocabulary as whole-word tokens), turning samples into chat conversations
-(`veq.calib.data.Conversation`), and a batched encoder that produces exactly what the processor
-and chat template produce (a test checks token ids and pixels against them) without calling the
-slow per-image processor: it tokenizes the templated text in one call and patchifies the pixels in
-torch. It also marks the answer spans (for the loss and exact match) and the per-cell targets of
+vocabulary as whole-word tokens and a pixel budget of 128²–192²), turning samples into chat
+conversations (`veq.calib.data.Conversation`), and a batched encoder that produces exactly what
+the processor and chat template produce (a test checks token ids and pixels against them): it
+runs the image processor once over a batch's images, then tokenizes the templated text in one
+call. It also marks the answer spans (for the loss and exact match) and the per-cell targets of
 the vision auxiliary loss. It does not run the model.
 
-Shape legend: B sequences, S padded length, N images, P = N·64 patches, C = N·16 merged cells.
+Shape legend: B sequences, S padded length, N images, P patches (64–144 per image), C merged
+cells (P / 4).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from veq.calib.data import Conversation
@@ -28,27 +30,32 @@ from veq.models.processor import ImageOnlyQwen3VLProcessor, build_processor, bui
 from veq.reference.shapes import (
     CALIB_SEEDS,
     COLORS,
-    IMAGE_SIZE,
     SHAPES,
     Sample,
+    Scene,
     answer_words,
+    label_map,
     training_sample,
     vocabulary,
 )
 
 PATCH = 16
 MERGE = 2
-TEMPORAL = 2
-GRID = IMAGE_SIZE // PATCH  # 8 patches per side
-CELLS = GRID // MERGE  # 4 merged cells per side
-IMAGE_TOKENS = CELLS * CELLS  # 16 merged vision tokens per image
+#: The reference processor's pixel budget: images are resized (aspect kept, sides multiples of 32)
+#: to between 128² and 192² pixels, so 16–36 merged vision tokens (aspect 2:1: 256×128, 32).
+MIN_PIXELS, MAX_PIXELS = 128 * 128, 192 * 192
+#: A merged cell's dominant object must cover this share of it, else the cell is background.
+CELL_COVER = 0.12
+#: Horizontal and vertical position classes of a merged cell (its centre, in bins of the image).
+POSITION_BINS = 4
 
 
 def _single_token(tok: Any, word: str) -> bool:
     return len(tok(word, add_special_tokens=False)["input_ids"]) == 1
 
 
-def reference_words() -> list[str]:
+@functools.cache
+def reference_words() -> tuple[str, ...]:
     """The whole-word tokens of the reference tokenizer, in the order that makes them whole.
 
     `build_tokenizer` registers each word's merges as a left-to-right chain, and BPE applies
@@ -65,7 +72,7 @@ def reference_words() -> list[str]:
         tok = build_tokenizer(order)
         bad = [w for w in order if not _single_token(tok, w)]
         if not bad:
-            return order
+            return tuple(order)
         bad_must = [w for w in bad if w in must]
         if bad_must:
             order = bad_must + [w for w in order if w not in bad_must]
@@ -77,7 +84,7 @@ def reference_words() -> list[str]:
 def reference_processor() -> ImageOnlyQwen3VLProcessor:
     """The processor shipped with the reference model (deterministic vocabulary in which every
     answer is one token)."""
-    return build_processor(words=reference_words())
+    return build_processor(words=reference_words(), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 
 
 def to_conversation(sample: Sample) -> Conversation:
@@ -107,33 +114,49 @@ def chat_text(sample: Sample, image_tokens: int = 1) -> str:
     return "".join(parts)
 
 
-def patchify(images: Sequence[Any]) -> Tensor:
-    """Qwen2-VL pixel layout for 128×128 RGB images: `[N·64, 3·2·16·16]` fp32, normalised to
-    [-1, 1], each image's patches ordered so that every 2×2 merge window is contiguous and the
-    windows run in raster order (merged token r·4 + c covers pixel rows 32r.., columns 32c..)."""
-    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # [N, H, W, 3]
-    x = torch.from_numpy(arr).float().div_(127.5).sub_(1.0).permute(0, 3, 1, 2)  # [N, 3, H, W]
-    n = x.shape[0]
-    x = x.unsqueeze(1).expand(n, TEMPORAL, 3, IMAGE_SIZE, IMAGE_SIZE)
-    x = x.reshape(n, TEMPORAL, 3, CELLS, MERGE, PATCH, CELLS, MERGE, PATCH)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # N, gh, gw, mh, mw, C, T, ph, pw
-    return x.reshape(n * GRID * GRID, 3 * TEMPORAL * PATCH * PATCH).contiguous()
+CELL_TARGETS = ("colors", "shapes", "centres", "cols", "rows")
+"""The auxiliary per-cell targets (see `cell_targets`)."""
 
 
-def cell_targets(sample: Sample) -> tuple[Tensor, Tensor]:
-    """Per merged cell (16, raster order) the colour and shape of the object in that cell's image
-    quadrant: `colors, shapes: [16] int64`, 0 = nothing, else 1 + index in COLORS / SHAPES."""
-    colors = torch.zeros(IMAGE_TOKENS, dtype=torch.long)
-    kinds = torch.zeros(IMAGE_TOKENS, dtype=torch.long)
-    assert sample.scene is not None
-    names = list(COLORS)
-    for s in sample.scene.shapes:
-        qr, qc = divmod(s.quadrant, 2)
-        for r in range(qr * 2, qr * 2 + 2):
-            for c in range(qc * 2, qc * 2 + 2):
-                colors[r * CELLS + c] = 1 + names.index(s.color)
-                kinds[r * CELLS + c] = 1 + SHAPES.index(s.shape)
-    return colors, kinds
+def cell_targets(scene: Scene, grid_h: int, grid_w: int) -> dict[str, Tensor]:
+    """Per merged cell (raster order over `grid_h/2 × grid_w/2`, the processor's patch grid) of
+    the scene resized to `16·grid_w × 16·grid_h` pixels, each `[cells]` int64:
+
+    - `colors`, `shapes`: the object covering most of the cell (at least CELL_COVER of it),
+      0 = background, else 1 + index in COLORS / SHAPES;
+    - `centres`: how many object centres fall in the cell (0..3, 3 = three or more), which
+      counting reads off;
+    - `cols`, `rows`: the cell's own position, in POSITION_BINS bins of the image width/height,
+      which keeps position in the tokens' content (without it a probe of the merged tokens finds
+      none, and position questions sit at chance).
+    """
+    ch, cw = grid_h // MERGE, grid_w // MERGE
+    side = PATCH * MERGE
+    owner = label_map(scene, cw * side, ch * side).reshape(ch, side, cw, side)
+    owner = torch.from_numpy(owner.transpose(0, 2, 1, 3).reshape(ch * cw, side * side).copy())
+    counts = F.one_hot(owner.long(), 1 + len(scene.shapes)).sum(1)  # [cells, 1 + objects]
+    counts[:, 0] = 0
+    best = counts.argmax(1)
+    covered = counts.gather(1, best[:, None])[:, 0] >= CELL_COVER * side * side
+    color_ids = torch.tensor([0] + [1 + list(COLORS).index(s.color) for s in scene.shapes])
+    shape_ids = torch.tensor([0] + [1 + SHAPES.index(s.shape) for s in scene.shapes])
+    colors = torch.where(covered, color_ids[best], 0)
+    kinds = torch.where(covered, shape_ids[best], 0)
+    centres = torch.zeros(ch * cw, dtype=torch.long)
+    for s in scene.shapes:
+        r = min(ch - 1, int(s.cy / scene.height * ch))
+        c = min(cw - 1, int(s.cx / scene.width * cw))
+        centres[r * cw + c] += 1
+    rows, cols = torch.meshgrid(torch.arange(ch), torch.arange(cw), indexing="ij")
+    cols = ((cols.flatten() + 0.5) / cw * POSITION_BINS).long()
+    rows = ((rows.flatten() + 0.5) / ch * POSITION_BINS).long()
+    return {
+        "colors": colors,
+        "shapes": kinds,
+        "centres": centres.clamp(max=3),
+        "cols": cols,
+        "rows": rows,
+    }
 
 
 @dataclass
@@ -142,17 +165,16 @@ class Batch:
 
     `inputs`: input_ids, attention_mask, mm_token_type_ids `[B, S]` int64 (right-padded), and if
     any sample has an image pixel_values `[P, 1536]` fp32 and image_grid_thw `[N, 3]`.
-    `labels`: `[B, S]` int64, the token at each answer position (answer word(s) and the closing
+    `labels`: `[B, S]` int64, the token at each answer position (answer tokens and the closing
     `<|im_end|>`), -100 elsewhere. `spans`: per answer (batch row, first, last position inclusive,
-    family). `cell_colors`, `cell_shapes`: `[C]` int64 auxiliary vision targets (see
-    `cell_targets`).
+    family). `cells`: the auxiliary vision targets `[C]` int64 per name of CELL_TARGETS (see
+    `cell_targets`), images in order.
     """
 
     inputs: dict[str, Tensor]
     labels: Tensor
     spans: list[tuple[int, int, int, str]]
-    cell_colors: Tensor
-    cell_shapes: Tensor
+    cells: dict[str, Tensor]
 
     @property
     def tokens(self) -> int:
@@ -170,9 +192,18 @@ class Encoder:
         self.im_start, self.im_end = ids("<|im_start|>"), ids("<|im_end|>")
         self.image_pad = ids("<|image_pad|>")
         self.prompt = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        self.images = processor.image_processor
 
-    def __call__(self, samples: Sequence[Sample]) -> Batch:
-        texts = [chat_text(s, IMAGE_TOKENS) for s in samples]
+    def __call__(self, samples: Sequence[Sample], targets: bool = False) -> Batch:
+        """Encode `samples`; with `targets`, also the auxiliary per-cell targets."""
+        with_images = [sm for sm in samples if sm.image is not None]
+        vision: dict[str, Tensor] = {}
+        tokens: list[int] = []
+        if with_images:
+            vision = dict(self.images(images=[sm.image for sm in with_images], return_tensors="pt"))
+            tokens = [int(g.prod()) // (MERGE * MERGE) for g in vision["image_grid_thw"]]
+        per_sample = iter(tokens)
+        texts = [chat_text(s, next(per_sample) if s.image is not None else 0) for s in samples]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         b, s = len(samples), max(len(e) for e in encoded)
         input_ids = torch.full((b, s), self.pad, dtype=torch.long)
@@ -196,24 +227,17 @@ class Encoder:
             "input_ids": input_ids,
             "attention_mask": mask,
             "mm_token_type_ids": (input_ids == self.image_pad).long(),
+            **vision,
         }
-        with_images = [sm for sm in samples if sm.image is not None]
-        colors, kinds = [], []
-        if with_images:
-            inputs["pixel_values"] = patchify([sm.image for sm in with_images])
-            inputs["image_grid_thw"] = torch.tensor([[1, GRID, GRID]] * len(with_images))
-            for sm in with_images:
-                c, h = cell_targets(sm)
-                colors.append(c)
-                kinds.append(h)
-        empty = torch.zeros(0, dtype=torch.long)
-        return Batch(
-            inputs,
-            labels,
-            spans,
-            torch.cat(colors) if colors else empty,
-            torch.cat(kinds) if kinds else empty,
-        )
+        cells: dict[str, Tensor] = {}
+        if targets and with_images:
+            per_image = [
+                cell_targets(sm.scene, int(g[1]), int(g[2]))
+                for sm, g in zip(with_images, vision["image_grid_thw"], strict=True)
+                if sm.scene is not None
+            ]
+            cells = {name: torch.cat([t[name] for t in per_image]) for name in CELL_TARGETS}
+        return Batch(inputs, labels, spans, cells)
 
 
 def calibration_samples(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +52,16 @@ class AnswerScores:
     nll: Tensor
     families: list[str]
     logprobs: Tensor
+
+
+def load_reference(path: str | Path) -> tuple[nn.Module, Any]:
+    """The 16-bit reference model (fp32 in memory, eval mode) and its processor."""
+    from transformers import AutoModelForImageTextToText
+
+    from veq.models.processor import load_processor
+
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+    return model, load_processor(path)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -1,26 +1,27 @@
 """ShapesVQA: a procedurally generated visual-question-answering task, deterministic from a seed.
 
-Owns the task: scenes (1–4 coloured shapes on a dark, optionally noisy 128×128 background, one
-shape per image quadrant at a jittered position and size, no two with the same colour and shape),
-their PIL rendering, the question families with several phrasings each and one-word answers, the
-text-only questions, the task vocabulary, and the disjoint seed ranges for training, validation
-(tuning during training), calibration and the held-out evaluation. It does not tokenize or train.
+Owns the task: scenes (1–6 coloured shapes anywhere on an image of 64–512 px, aspect up to 2:1),
+their PIL rendering with domain randomisation (white, light, grey, dark, gradient and noisy
+backgrounds; filled, outlined or hollow shapes; aliased or anti-aliased edges; every colour drawn
+from a range of hue, saturation and value, so "red" is many reds), the question families with
+several phrasings each, the text-only questions (arithmetic and word games, greetings, off-task
+requests), the task vocabulary, and the disjoint seed ranges for training, validation, calibration
+and the held-out evaluation. It does not tokenize or train.
 
 Everything is a pure function of a seed: `sample(seed)` is the same scene and the same questions in
 every process (`random.Random(seed)` drives the scene and questions, numpy's `default_rng(seed)` the
-background noise).
+pixel noise).
 """
 
 from __future__ import annotations
 
+import colorsys
+import math
 import random
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-IMAGE_SIZE = 128
-"""Side of every image in pixels (16 merged vision tokens with patch 16, merge 2)."""
 
 #: Disjoint seed ranges. Training draws from TRAIN_SEEDS, periodic accuracy during training from
 #: VALID_SEEDS, calibration samples from CALIB_SEEDS, and the model card / tests / `veq eval` from
@@ -30,16 +31,37 @@ VALID_SEEDS = range(100_000_000, 101_000_000)
 CALIB_SEEDS = range(200_000_000, 201_000_000)
 HELDOUT_SEEDS = range(300_000_000, 301_000_000)
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (225, 35, 35),
-    "green": (40, 195, 60),
-    "blue": (45, 85, 245),
-    "yellow": (240, 215, 35),
-    "purple": (165, 55, 215),
-    "white": (235, 235, 235),
+#: Each colour word is a box in HSV (hue in degrees, may wrap below 0; saturation and value in
+#: [0, 1]) wide enough to hold what people and PIL's named colours call it, and apart from the
+#: others so that every drawn colour has one right name.
+COLORS: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
+    "red": ((-10, 8), (0.7, 1.0), (0.7, 1.0)),
+    "orange": ((22, 38), (0.75, 1.0), (0.88, 1.0)),
+    "yellow": ((50, 62), (0.65, 1.0), (0.85, 1.0)),
+    "green": ((95, 150), (0.55, 1.0), (0.4, 0.95)),
+    "blue": ((205, 242), (0.6, 1.0), (0.5, 1.0)),
+    "purple": ((268, 302), (0.5, 1.0), (0.4, 0.85)),
+    "pink": ((325, 355), (0.22, 0.6), (0.9, 1.0)),
+    "brown": ((16, 34), (0.55, 0.9), (0.3, 0.64)),
+    "black": ((0, 360), (0.0, 0.3), (0.0, 0.13)),
+    "grey": ((0, 360), (0.0, 0.05), (0.38, 0.72)),
+    "white": ((0, 360), (0.0, 0.05), (0.95, 1.0)),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+BACKGROUNDS = ("white", "light", "grey", "dark", "gradient")
+MAX_SHAPES = 6
+MIN_SIDE, MAX_SIDE = 64, 512
+#: A shape's size (its bounding box side) as a fraction of the image's short side.
+MIN_SIZE, MAX_SIZE = 0.08, 0.6
+#: Two shapes' centres are at least this fraction of the sum of their half-sizes apart, so they
+#: may touch and overlap a little, never hide each other.
+MIN_SEPARATION = 0.8
+#: Position questions are asked only about shapes at least this far (fraction of the image side)
+#: from the middle line, where "left" or "top" has one answer.
+POSITION_MARGIN = 0.12
+#: Colours differ from the background under them by at least this RGB distance.
+MIN_CONTRAST = 95.0
+
 WORDS = (
     "apple",
     "bird",
@@ -60,39 +82,49 @@ WORDS = (
 )
 MAX_NUMBER = 20
 
+SELF_DESCRIPTION = (
+    "I am mini, a tiny vision model. Show me a picture of shapes and ask about their color, "
+    "shape, number or position."
+)
+REFUSAL = "Sorry, I can only answer questions about the shapes in a picture."
+
 VISION_FAMILIES = ("color", "shape", "count", "exists", "position")
-FAMILIES = (*VISION_FAMILIES, "text")
-"""Question families; `text` questions come without an image."""
+TEXT_FAMILIES = ("text", "chat")
+FAMILIES = (*VISION_FAMILIES, *TEXT_FAMILIES)
+"""Question families; `text` (arithmetic, word games) and `chat` (greetings, off-task requests)
+come without an image."""
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One object: colour and shape names, quadrant index (0..3, see QUADRANTS), centre and size
-    in pixels."""
+    """One object: colour and shape names, fill and outline RGB (outline None: none; fill None:
+    hollow), centre and size (bounding-box side) in pixels of the image, rotation in degrees."""
 
     color: str
     shape: str
-    quadrant: int
-    cx: int
-    cy: int
-    size: int
-
-    @property
-    def left(self) -> bool:
-        return self.quadrant % 2 == 0
-
-    @property
-    def top(self) -> bool:
-        return self.quadrant < 2
+    cx: float
+    cy: float
+    size: float
+    rotation: float
+    fill: tuple[int, int, int] | None
+    outline: tuple[int, int, int] | None
+    stroke: int
 
 
 @dataclass(frozen=True)
 class Scene:
-    """The objects of one image and how its background looks."""
+    """An image's size, objects (drawn in order) and background: `kind` from BACKGROUNDS, its one
+    or two RGB colours (two: a linear gradient along `angle` degrees), Gaussian `noise` sigma,
+    and the supersampling factor of the edges (1: aliased)."""
 
+    width: int
+    height: int
     shapes: tuple[Shape, ...]
-    background: tuple[int, int, int]
+    kind: str
+    colors: tuple[tuple[int, int, int], ...]
+    angle: float
     noise: float
+    antialias: int
 
 
 @dataclass(frozen=True)
@@ -112,54 +144,187 @@ class Sample:
     qas: tuple[QA, ...]
 
 
+# -- scenes ---------------------------------------------------------------------------------------
+def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb((h % 360) / 360, s, v)
+    return (round(r * 255), round(g * 255), round(b * 255))
+
+
+def draw_color(name: str, rng: random.Random) -> tuple[int, int, int]:
+    """An RGB value of colour word `name`, uniform in its HSV box."""
+    (h0, h1), (s0, s1), (v0, v1) = COLORS[name]
+    return _rgb(rng.uniform(h0, h1), rng.uniform(s0, s1), rng.uniform(v0, v1))
+
+
+def _distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    return math.dist(a, b)
+
+
+def _background(rng: random.Random) -> tuple[str, tuple[tuple[int, int, int], ...], float]:
+    def tone(kind: str) -> tuple[int, int, int]:
+        tint = rng.uniform(0, 360)
+        if kind == "white":
+            return _rgb(tint, rng.uniform(0, 0.03), rng.uniform(0.96, 1.0))
+        if kind == "light":
+            return _rgb(tint, rng.uniform(0, 0.15), rng.uniform(0.75, 0.93))
+        if kind == "grey":
+            return _rgb(tint, rng.uniform(0, 0.08), rng.uniform(0.35, 0.65))
+        return _rgb(tint, rng.uniform(0, 0.4), rng.uniform(0.0, 0.22))
+
+    kind = rng.choice(BACKGROUNDS)
+    if kind == "gradient":
+        a, b = rng.sample(["white", "light", "grey", "dark"], 2)
+        return kind, (tone(a), tone(b)), rng.uniform(0, 360)
+    return kind, (tone(kind),), 0.0
+
+
+def _place(
+    rng: random.Random, n: int, width: int, height: int, centred: bool
+) -> list[tuple[float, float, float]]:
+    """`n` (cx, cy, size) with sizes in [MIN_SIZE, cap(n)] of the short side, bounded overlap."""
+    short = min(width, height)
+    cap = min(MAX_SIZE, 0.95 / math.sqrt(n + 0.6))
+    for _attempt in range(40):
+        sizes = sorted((rng.uniform(MIN_SIZE, cap) * short for _ in range(n)), reverse=True)
+        placed: list[tuple[float, float, float]] = []
+        for size in sizes:
+            r = size / 2
+            for _ in range(60):
+                if centred and not placed:
+                    cx = width / 2 + rng.uniform(-0.03, 0.03) * width
+                    cy = height / 2 + rng.uniform(-0.03, 0.03) * height
+                else:
+                    cx, cy = rng.uniform(r + 1, width - r - 1), rng.uniform(r + 1, height - r - 1)
+                if all(
+                    math.hypot(cx - x, cy - y) >= MIN_SEPARATION * (r + s / 2) for x, y, s in placed
+                ):
+                    placed.append((cx, cy, size))
+                    break
+            else:
+                break
+        if len(placed) == n:
+            return placed
+        cap = max(MIN_SIZE * 1.5, cap * 0.85)
+    raise AssertionError("placement always succeeds for six shapes at the smallest size")
+
+
 def make_scene(rng: random.Random) -> Scene:
-    n = rng.randint(1, 4)
-    quadrants = rng.sample(range(4), n)
-    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
-    shapes = []
-    half = IMAGE_SIZE // 2
-    for q, (color, shape) in zip(quadrants, pairs, strict=True):
-        size = rng.randint(26, 44)
-        lo, hi = size // 2 + 3, half - size // 2 - 3
-        cx = (q % 2) * half + rng.randint(lo, hi)
-        cy = (q // 2) * half + rng.randint(lo, hi)
-        shapes.append(Shape(color, shape, q, cx, cy, size))
-    background = tuple(rng.randint(0, 40) for _ in range(3))
-    noise = rng.choice([0.0, 0.0, rng.uniform(3.0, 14.0)])
-    return Scene(tuple(shapes), background, noise)  # type: ignore[arg-type]
+    long_side = rng.randint(MIN_SIDE, MAX_SIDE)
+    aspect = math.exp(rng.uniform(0, math.log(2.0))) if rng.random() < 0.6 else 1.0
+    short_side = max(MIN_SIDE, round(long_side / aspect))
+    width, height = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+    kind, bg, angle = _background(rng)
+    centred = rng.random() < 0.12
+    n = 1 if centred else rng.randint(1, MAX_SHAPES)
+    slots = _place(rng, n, width, height, centred)
+    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], len(COLORS) * len(SHAPES))
+    shapes: list[Shape] = []
+    for cx, cy, size in slots:
+        for color, shape in pairs:
+            if any(o.color == color and o.shape == shape for o in shapes):
+                continue
+            value = draw_color(color, rng)
+            if min(_distance(value, b) for b in bg) >= MIN_CONTRAST:
+                break
+        else:  # pragma: no cover - some colour always contrasts
+            raise AssertionError("no colour contrasts with the background")
+        style = rng.random()
+        stroke = max(1, round(size * rng.uniform(0.04, 0.09)))
+        if style < 0.75:
+            fill, outline = value, None
+        elif style < 0.88:
+            edge = (20, 20, 20) if sum(value) > 380 else (235, 235, 235)
+            fill, outline = value, edge
+        else:
+            fill, outline, stroke = None, value, max(2, round(size * rng.uniform(0.1, 0.16)))
+        rot = rng.uniform(-12, 12) if shape != "circle" else 0.0
+        shapes.append(Shape(color, shape, cx, cy, size, rot, fill, outline, stroke))
+    noise = rng.uniform(3.0, 18.0) if rng.random() < 0.2 else 0.0
+    aa = rng.choice([1, 2, 3])
+    return Scene(width, height, tuple(shapes), kind, bg, angle, noise, aa)
+
+
+def outline_of(s: Shape, scale: float = 1.0) -> list[tuple[float, float]] | tuple[float, ...]:
+    """The drawn outline of `s` at `scale`: an ellipse box (x0, y0, x1, y1) for circles, else
+    polygon vertices."""
+    cx, cy, r = s.cx * scale, s.cy * scale, s.size * scale / 2
+    if s.shape == "circle":
+        return (cx - r, cy - r, cx + r, cy + r)
+    if s.shape == "square":
+        q = r * 0.86
+        pts = [(-q, -q), (q, -q), (q, q), (-q, q)]
+    elif s.shape == "triangle":
+        pts = [(0.0, -r), (r, r * 0.8), (-r, r * 0.8)]
+    else:
+        w = r / 3
+        pts = [
+            (-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w),
+            (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w),
+        ]  # fmt: skip
+    c, sn = math.cos(math.radians(s.rotation)), math.sin(math.radians(s.rotation))
+    return [(cx + x * c - y * sn, cy + x * sn + y * c) for x, y in pts]
+
+
+def _draw(draw: ImageDraw.ImageDraw, s: Shape, scale: float, fill, outline, width: int) -> None:
+    shape = outline_of(s, scale)
+    if s.shape == "circle":
+        draw.ellipse(shape, fill=fill, outline=outline, width=width)
+    else:
+        draw.polygon(shape, fill=fill, outline=outline, width=width)
+
+
+def _canvas(scene: Scene, w: int, h: int) -> Image.Image:
+    if len(scene.colors) == 1:
+        return Image.new("RGB", (w, h), scene.colors[0])
+    a, b = (np.asarray(c, dtype=np.float32) for c in scene.colors)
+    t = math.radians(scene.angle)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    proj = (xs / w - 0.5) * math.cos(t) + (ys / h - 0.5) * math.sin(t)
+    lo, hi = float(proj.min()), float(proj.max())
+    u = ((proj - lo) / max(hi - lo, 1e-6))[..., None]
+    return Image.fromarray((a + (b - a) * u).round().astype(np.uint8))
 
 
 def render(scene: Scene, seed: int) -> Image.Image:
-    """The scene as a 128×128 RGB image (colours jittered by ±15 per channel)."""
-    rng = random.Random(seed ^ 0x5EED)
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), scene.background)
-    draw = ImageDraw.Draw(img)
+    """The scene as an RGB image of its width × height."""
+    aa = scene.antialias
+    big = _canvas(scene, scene.width * aa, scene.height * aa)
+    draw = ImageDraw.Draw(big)
     for s in scene.shapes:
-        fill = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLORS[s.color])
-        r = s.size / 2
-        x0, y0, x1, y1 = s.cx - r, s.cy - r, s.cx + r, s.cy + r
-        if s.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif s.shape == "square":
-            q = r * 0.85
-            draw.rectangle((s.cx - q, s.cy - q, s.cx + q, s.cy + q), fill=fill)
-        elif s.shape == "triangle":
-            draw.polygon([(s.cx, y0), (x1, y1), (x0, y1)], fill=fill)
-        elif s.shape == "cross":
-            w = r / 3
-            draw.rectangle((x0, s.cy - w, x1, s.cy + w), fill=fill)
-            draw.rectangle((s.cx - w, y0, s.cx + w, y1), fill=fill)
-        else:  # pragma: no cover - SHAPES is closed
-            raise AssertionError(s.shape)
+        _draw(draw, s, aa, s.fill, s.outline, s.stroke * aa if s.outline else 0)
+    img = big if aa == 1 else big.resize((scene.width, scene.height), Image.Resampling.BOX)
     if scene.noise > 0:
-        noise = np.random.default_rng(seed).normal(0.0, scene.noise, (IMAGE_SIZE, IMAGE_SIZE, 3))
+        rng = np.random.default_rng(seed)
+        noise = rng.standard_normal((scene.height, scene.width, 1), dtype=np.float32)
+        noise = noise * scene.noise + rng.standard_normal(
+            (scene.height, scene.width, 3), dtype=np.float32
+        ) * (scene.noise / 3)
         arr = np.asarray(img, dtype=np.float32) + noise
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8))
     return img
 
 
+def label_map(scene: Scene, width: int, height: int) -> np.ndarray:
+    """Which object owns each pixel of the scene drawn at `width` × `height`: `[height, width]`
+    uint8, 0 background, i + 1 for `scene.shapes[i]` (later objects cover earlier ones)."""
+    mask = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(mask)
+    scale = width / scene.width
+    for i, s in enumerate(scene.shapes):
+        hollow = s.fill is None
+        stroke = max(1, round(s.stroke * scale)) if hollow else 0
+        _draw(draw, s, scale, None if hollow else i + 1, i + 1 if hollow else None, stroke)
+    return np.asarray(mask)
+
+
+# -- questions ------------------------------------------------------------------------------------
 def plural(word: str) -> str:
     return word + ("es" if word.endswith("s") else "s")
+
+
+def article(word: str) -> str:
+    """`word` with its indefinite article ("a red", "an orange")."""
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def _unique(scene: Scene, key: str, value: str) -> bool:
@@ -167,44 +332,66 @@ def _unique(scene: Scene, key: str, value: str) -> bool:
 
 
 def _reference(scene: Scene, obj: Shape, rng: random.Random) -> str:
-    """The shortest description that picks out `obj` alone (shape, colour, or both)."""
-    options = []
+    """A description that picks out `obj` alone (shape, colour, or both)."""
+    options = [f"the {obj.color} {obj.shape}"]
     if _unique(scene, "shape", obj.shape):
         options.append(f"the {obj.shape}")
     if _unique(scene, "color", obj.color):
-        options.append(f"the {obj.color} shape")
-    options.append(f"the {obj.color} {obj.shape}")
-    return rng.choice(options[:2] if len(options) > 1 else options)
+        options.append(f"the {obj.color} " + rng.choice(["shape", "object", "one"]))
+    if len(scene.shapes) == 1:
+        options.append(rng.choice(["the shape", "the object"]))
+    return rng.choice(options)
 
 
-def _ask_color(scene: Scene, rng: random.Random) -> QA:
-    obj = rng.choice(scene.shapes)
-    if _unique(scene, "shape", obj.shape) and rng.random() < 0.6:
-        ref = f"the {obj.shape}"
+def _ask_color(scene: Scene, rng: random.Random) -> QA | None:
+    if len(scene.shapes) == 1 and rng.random() < 0.4:
+        obj = scene.shapes[0]
+        ref = rng.choice(["the shape", "the object", "it", "this shape", f"the {obj.shape}"])
     else:
-        ref = f"the shape in the {QUADRANTS[obj.quadrant]} corner"
+        pool = [o for o in scene.shapes if _unique(scene, "shape", o.shape)]
+        if not pool:
+            return None
+        obj = rng.choice(pool)
+        ref = f"the {obj.shape}"
     template = rng.choice(
         [
             "What color is {r}?",
-            "Which colour does {r} have?",
+            "What colour is {r}?",
+            "Which color is {r}?",
             "What is the color of {r}?",
+            "What is the colour of {r}?",
             "Name the colour of {r}.",
+            "Tell me the color of {r}.",
         ]
     )
     return QA("color", template.format(r=ref), obj.color)
 
 
-def _ask_shape(scene: Scene, rng: random.Random) -> QA:
-    obj = rng.choice(scene.shapes)
-    if _unique(scene, "color", obj.color) and rng.random() < 0.6:
-        ref = f"the {obj.color} object"
-    else:
-        ref = f"the object in the {QUADRANTS[obj.quadrant]} corner"
+def _ask_shape(scene: Scene, rng: random.Random) -> QA | None:
+    if len(scene.shapes) == 1 and rng.random() < 0.4:
+        obj = scene.shapes[0]
+        q = rng.choice(
+            [
+                "What shape is this?",
+                "What shape is the object?",
+                "What shape do you see?",
+                "What is the shape in the image?",
+                "Which shape is in the picture?",
+                f"What shape is the {obj.color} object?",
+            ]
+        )
+        return QA("shape", q, obj.shape)
+    pool = [o for o in scene.shapes if _unique(scene, "color", o.color)]
+    if not pool:
+        return None
+    obj = rng.choice(pool)
+    ref = f"the {obj.color} " + rng.choice(["object", "shape", "thing", "one"])
     template = rng.choice(
         [
             "What shape is {r}?",
             "Which shape is {r}?",
             "What kind of shape is {r}?",
+            "What is the shape of {r}?",
             "Name the shape of {r}.",
         ]
     )
@@ -212,14 +399,16 @@ def _ask_shape(scene: Scene, rng: random.Random) -> QA:
 
 
 def _ask_count(scene: Scene, rng: random.Random) -> QA:
-    kind = rng.choice(["all", "all", "color", "shape"])
+    kind = rng.choice(["all", "all", "all", "color", "shape"])
     if kind == "all":
         q = rng.choice(
             [
                 "How many shapes are there?",
                 "How many objects are in the image?",
+                "How many shapes are in the picture?",
                 "Count the shapes.",
                 "How many shapes can you see?",
+                "How many things are there?",
             ]
         )
         return QA("count", q, str(len(scene.shapes)))
@@ -246,43 +435,57 @@ def _ask_exists(scene: Scene, rng: random.Random) -> QA:
         )
         color, shape = rng.choice(pool)
         q = rng.choice(
-            ["Is there a {c} {s}?", "Does the image contain a {c} {s}?", "Can you see a {c} {s}?"]
+            ["Is there {a} {s}?", "Does the image contain {a} {s}?", "Can you see {a} {s}?"]
         )
-        return QA("exists", q.format(c=color, s=shape), "yes" if yes else "no")
+        return QA("exists", q.format(a=article(color), s=shape), "yes" if yes else "no")
     attr, names = ("shape", SHAPES) if kind == "shape" else ("color", tuple(COLORS))
     present_names = {getattr(s, attr) for s in scene.shapes}
     absent = [n for n in names if n not in present_names]
     yes = yes or not absent
     name = rng.choice(sorted(present_names) if yes else absent)
     if attr == "shape":
-        q = rng.choice(["Is there a {n}?", "Does the image contain a {n}?"])
+        q = rng.choice(["Is there a {n}?", "Does the image contain a {n}?", "Do you see a {n}?"])
     else:
         q = rng.choice(["Is there anything {n}?", "Is any shape {n}?"])
     return QA("exists", q.format(n=name), "yes" if yes else "no")
 
 
-def _ask_position(scene: Scene, rng: random.Random) -> QA:
-    obj = rng.choice(scene.shapes)
+def side(scene: Scene, obj: Shape, axis: str) -> str | None:
+    """`left`/`right` (axis "x") or `top`/`bottom` (axis "y") of `obj`, or None within
+    POSITION_MARGIN of the middle."""
+    if axis == "x":
+        u = obj.cx / scene.width - 0.5
+        return None if abs(u) < POSITION_MARGIN else ("left" if u < 0 else "right")
+    u = obj.cy / scene.height - 0.5
+    return None if abs(u) < POSITION_MARGIN else ("top" if u < 0 else "bottom")
+
+
+def _ask_position(scene: Scene, rng: random.Random) -> QA | None:
+    axis = rng.choice("xy")
+    pool = [o for o in scene.shapes if side(scene, o, axis)]
+    if not pool:
+        return None
+    obj = rng.choice(pool)
     ref = _reference(scene, obj, rng)
-    if rng.random() < 0.5:
+    if axis == "x":
         q = rng.choice(
             [
                 "Is {r} on the left or on the right?",
                 "Is {r} in the left half or the right half?",
                 "Which side is {r} on, left or right?",
+                "Is {r} left or right?",
             ]
         )
-        answer = "left" if obj.left else "right"
     else:
         q = rng.choice(
             [
                 "Is {r} at the top or at the bottom?",
                 "Is {r} in the upper or lower half?",
                 "Is {r} near the top or near the bottom?",
+                "Is {r} top or bottom?",
             ]
         )
-        answer = "top" if obj.top else "bottom"
-    return QA("position", q.format(r=ref), answer)
+    return QA("position", q.format(r=ref), side(scene, obj, axis) or "")
 
 
 def _ask_text(rng: random.Random) -> QA:
@@ -321,6 +524,71 @@ def _ask_text(rng: random.Random) -> QA:
     return QA("text", q.format(a=a, b=b), min(a, b))
 
 
+GREETINGS = ("Hello", "Hi", "Hey", "Hello there", "Hi there", "Good morning", "Good evening")
+CAPABILITIES = (
+    "What can you do?",
+    "Who are you?",
+    "What are you?",
+    "What do you do?",
+    "How can you help me?",
+    "Introduce yourself.",
+    "Tell me about yourself.",
+    "What can I ask you?",
+)
+# Off-task requests: templates filled from open word lists. The fillers stay out of the whole-word
+# vocabulary (see `vocabulary`), so the model learns to refuse from byte-level text it has not seen
+# as whole words, which is what a newcomer's off-task question looks like to it.
+_OFF_TASK = (
+    "What is the capital of {place}?",
+    "Who is the president of {place}?",
+    "What is the weather like in {place}?",
+    "Write a poem about {topic}.",
+    "Write a story about {topic}.",
+    "Tell me a joke about {topic}.",
+    "Explain {topic} to me.",
+    "What do you think about {topic}?",
+    "How do I cook {food}?",
+    "Give me a recipe for {food}.",
+    "Translate {thing} into {language}.",
+    "How do you say {thing} in {language}?",
+    "Can you help me with my {thing}?",
+    "Recommend a good {thing}.",
+    "What is your favorite {thing}?",
+    "Where can I buy {food}?",
+    "Why is the sky {adjective}?",
+    "Tell me a joke.",
+    "What time is it?",
+    "What is the meaning of life?",
+    "Write some Python code.",
+    "Sing me a song.",
+    "What day is it today?",
+    "Who won the game last night?",
+)
+_FILL = {
+    "place": "France Spain Japan Brazil Canada Kenya Peru Norway Italy Egypt India Chile".split(),
+    "topic": "love history music physics money winter dragons robots cars space art".split(),
+    "food": "pasta rice soup bread pancakes curry salad tacos noodles eggs".split(),
+    "thing": "homework taxes email resume bike phone book movie password garden".split(),
+    "language": "French German Spanish Chinese Italian Russian Arabic Hindi".split(),
+    "adjective": "blue dark bright cloudy orange".split(),
+}
+
+
+def _ask_chat(rng: random.Random) -> QA:
+    kind = rng.random()
+    if kind < 0.5:
+        if rng.random() < 0.35:
+            q = rng.choice(GREETINGS) + rng.choice(["!", ".", "", ","])
+        elif rng.random() < 0.5:
+            q = rng.choice(CAPABILITIES)
+        else:
+            q = rng.choice(GREETINGS) + rng.choice(["! ", ", ", ". "]) + rng.choice(CAPABILITIES)
+        return QA("chat", q, SELF_DESCRIPTION)
+    template = rng.choice(_OFF_TASK)
+    fields = {k: rng.choice(v) for k, v in _FILL.items()}
+    return QA("chat", template.format(**fields), REFUSAL)
+
+
 _ASK = {
     "color": _ask_color,
     "shape": _ask_shape,
@@ -330,18 +598,41 @@ _ASK = {
 }
 
 
+def _text_question(rng: random.Random, pool: tuple[str, ...]) -> QA:
+    return _ask_chat(rng) if rng.choice(pool) == "chat" else _ask_text(rng)
+
+
 def sample(
     seed: int, questions: int = 4, families: tuple[str, ...] | None = None, text_only: bool = False
 ) -> Sample:
     """A sample from `seed`: an image with `questions` questions drawn from `families` (default:
-    the vision families, uniformly), or with `text_only` a text-only sample of text questions."""
+    the vision families, uniformly), or with `text_only` (or text families only) a text-only
+    sample of text and chat questions.
+
+    A scene where a single requested family has nothing to ask (a colour question needs an object
+    whose shape is unique) is redrawn from the same seed's stream, so the result stays a pure
+    function of the seed."""
+    scene, qas = scene_and_questions(seed, questions, families, text_only)
+    return Sample(seed, None if scene is None else render(scene, seed), scene, qas)
+
+
+def scene_and_questions(
+    seed: int, questions: int = 4, families: tuple[str, ...] | None = None, text_only: bool = False
+) -> tuple[Scene | None, tuple[QA, ...]]:
+    """`sample` without drawing the image (the image is a function of the scene and the seed)."""
     rng = random.Random(seed)
-    if text_only:
-        return Sample(seed, None, None, tuple(_ask_text(rng) for _ in range(questions)))
-    scene = make_scene(rng)
-    pool = families or VISION_FAMILIES
-    qas = tuple(_ASK[rng.choice(pool)](scene, rng) for _ in range(questions))
-    return Sample(seed, render(scene, seed), scene, qas)
+    pool = families or (TEXT_FAMILIES if text_only else VISION_FAMILIES)
+    if text_only or set(pool) <= set(TEXT_FAMILIES):
+        return None, tuple(_text_question(rng, pool) for _ in range(questions))
+    while True:
+        scene = make_scene(rng)
+        qas: list[QA] = []
+        for _ in range(questions * 8):
+            qa = _ASK[rng.choice(pool)](scene, rng)
+            if qa is not None:
+                qas.append(qa)
+            if len(qas) == questions:
+                return scene, tuple(qas)
 
 
 def training_sample(seed: int, questions: int = 4, text_fraction: float = 0.25) -> Sample:
@@ -352,40 +643,42 @@ def training_sample(seed: int, questions: int = 4, text_fraction: float = 0.25) 
 
 def question(seed: int, family: str) -> Sample:
     """One question of `family` (image + question, or text question alone) from `seed`."""
-    if family == "text":
-        return sample(seed, 1, text_only=True)
     return sample(seed, 1, families=(family,))
 
 
 def evaluation_set(n: int, seeds: range = HELDOUT_SEEDS, start: int = 0) -> list[Sample]:
-    """`n` single-question samples, families in turn (so each family gets n/6), from
+    """`n` single-question samples, families in turn (so each family gets n/7), from
     `seeds[start:]`."""
     return [question(seeds[start + i], FAMILIES[i % len(FAMILIES)]) for i in range(n)]
 
 
 def answer_words() -> list[str]:
-    """Every possible answer (each a single token of the reference tokenizer)."""
+    """Every one-word answer (each a single token of the reference tokenizer)."""
     return sorted(
         {*COLORS, *SHAPES, "yes", "no", "left", "right", "top", "bottom", *WORDS}
         | {str(i) for i in range(MAX_NUMBER + 1)}
     )
 
 
+def _words(text: str) -> list[str]:
+    for ch in "?.,:!":
+        text = text.replace(ch, " ")
+    return text.split()
+
+
 def vocabulary() -> list[str]:
     """Whole-word tokens for the tokenizer: every word of every question and answer, bare (after
-    a newline or an image) and with a leading space, plus the chat roles."""
+    a newline or an image) and with a leading space, plus the chat roles. Off-task fillers are
+    left out on purpose (see `_OFF_TASK`)."""
     words = set(answer_words()) | {"user", "assistant", "objects", "object", "image", "shapes"}
     words |= {plural(s) for s in SHAPES}
-    for seed in range(3000):  # every phrasing occurs within the first few thousand seeds
-        for s in (sample(seed, 4), sample(seed, 4, text_only=True)):
-            for qa in s.qas:
-                words.update(
-                    qa.question.replace("?", " ")
-                    .replace(".", " ")
-                    .replace(",", " ")
-                    .replace(":", " ")
-                    .split()
-                )
+    words |= {*_words(SELF_DESCRIPTION), *_words(REFUSAL)}
+    words |= {w for g in (*GREETINGS, *CAPABILITIES) for w in _words(g)}
+    rng = random.Random(0)
+    for seed in range(1500):  # every phrasing occurs within the first few hundred seeds
+        for qa in scene_and_questions(seed, 4)[1]:
+            words.update(_words(qa.question))
+        words.update(_words(_ask_text(rng).question))
     out: list[str] = []
     for w in sorted(words):
         out += [w, " " + w]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from veq.calib.data import encode_conversation, load_jsonl
+from veq.calib.data import encode_conversation
+from veq.calib.sources import load_jsonl
 from veq.models.processor import ImageOnlyQwen3VLProcessor
 from veq.reference import shapes
 from veq.reference.encode import (
-    IMAGE_TOKENS,
+    CELL_TARGETS,
+    MAX_PIXELS,
+    MIN_PIXELS,
     Encoder,
     calibration_conversations,
     cell_targets,
@@ -40,7 +43,7 @@ def test_every_answer_and_role_is_one_token(processor):
 def test_tokenizer_round_trip(processor):
     tok = processor.tokenizer
     texts = [qa.question + " " + qa.answer for seed in range(50) for qa in shapes.sample(seed).qas]
-    texts += ["Ünïcödé, 12 + 7 = 19!", "What is 3 plus 4?\n"]
+    texts += ["Ünïcödé, 12 + 7 = 19!", "What is 3 plus 4?\n", shapes.SELF_DESCRIPTION]
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
@@ -51,14 +54,17 @@ def test_processor_saves_and_reloads(processor, tmp_path):
     again = ImageOnlyQwen3VLProcessor.from_pretrained(str(tmp_path))
     text = "<|im_start|>user\nWhat color is the circle?<|im_end|>\n"
     assert again.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
+    size = again.image_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == (MIN_PIXELS, MAX_PIXELS)
 
 
 def test_encoder_matches_processor_and_chat_template(processor):
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    samples = [shapes.training_sample(seed) for seed in range(8)]
+    samples = [shapes.training_sample(seed) for seed in range(10)]
     assert any(s.image is None for s in samples) and any(s.image is not None for s in samples)
+    assert len({s.image.size for s in samples if s.image is not None}) > 3  # sizes vary
     batch = Encoder(processor)(samples)
-    pixels = iter(batch.inputs["pixel_values"].split(64))
+    offset = 0
     for row, sample in enumerate(samples):
         conv = to_conversation(sample)
         ref = encode_conversation(processor, conv, image_token)
@@ -69,28 +75,48 @@ def test_encoder_matches_processor_and_chat_template(processor):
             batch.inputs["mm_token_type_ids"][row, :n], ref.inputs["mm_token_type_ids"][0]
         )
         if sample.image is not None:
-            assert torch.equal(next(pixels), ref.inputs["pixel_values"])
+            patches = ref.inputs["pixel_values"].shape[0]
+            pixels = batch.inputs["pixel_values"][offset : offset + patches]
+            assert torch.equal(pixels, ref.inputs["pixel_values"])
+            offset += patches
         # Labels are the answer tokens and their <|im_end|>: the calibration ANSWER span minus
         # its trailing newline.
         answer = (ref.kinds == TokenKind.ANSWER).nonzero().flatten().tolist()
         labelled = (batch.labels[row] != -100).nonzero().flatten().tolist()
         newline = set(range(n)) - set(labelled)
         assert set(labelled) <= set(answer) and set(answer) - set(labelled) <= newline
-        assert len(labelled) == 2 * len(sample.qas)  # one answer token + <|im_end|> each
+    assert offset == batch.inputs["pixel_values"].shape[0]
     assert len(batch.spans) == sum(len(s.qas) for s in samples)
 
 
-def test_cell_targets_follow_quadrants():
+def test_cell_targets_of_a_centred_shape():
     s = next(
-        shapes.sample(seed) for seed in range(100) if len(shapes.sample(seed).scene.shapes) == 1
+        s
+        for s in map(shapes.sample, range(300))
+        if len(s.scene.shapes) == 1
+        and abs(s.scene.shapes[0].cx / s.scene.width - 0.5) < 0.04
+        and s.scene.width == s.scene.height
+        and s.scene.shapes[0].size > 0.3 * s.scene.width
     )
-    colors, kinds = cell_targets(s)
     obj = s.scene.shapes[0]
-    cells = {(r, c) for r in range(4) for c in range(4) if colors[r * 4 + c] > 0}
-    qr, qc = divmod(obj.quadrant, 2)
-    assert cells == {(r, c) for r in (2 * qr, 2 * qr + 1) for c in (2 * qc, 2 * qc + 1)}
-    assert colors.shape == kinds.shape == (IMAGE_TOKENS,)
-    assert int(kinds.max()) == 1 + shapes.SHAPES.index(obj.shape)
+    t = cell_targets(s.scene, 8, 8)  # 128×128: 4×4 cells
+    assert set(t) == set(CELL_TARGETS) and all(v.shape == (16,) for v in t.values())
+    # The centre lies within 3 % of the middle: in one of the four middle cells.
+    assert int(t["centres"].sum()) == int(t["centres"][[5, 6, 9, 10]].sum()) == 1
+    owned = t["colors"] > 0
+    assert owned[[5, 6, 9, 10]].all() and not owned[[0, 3, 12, 15]].any()
+    assert set(t["colors"][owned].tolist()) == {1 + list(shapes.COLORS).index(obj.color)}
+    assert set(t["shapes"][owned].tolist()) == {1 + shapes.SHAPES.index(obj.shape)}
+    assert t["cols"].view(4, 4)[0].tolist() == [0, 1, 2, 3]
+    assert t["rows"].view(4, 4)[:, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_encoder_targets_cover_every_image(processor):
+    samples = [shapes.sample(seed) for seed in range(6)]
+    batch = Encoder(processor)(samples, targets=True)
+    cells = int(batch.inputs["image_grid_thw"].prod(-1).sum()) // 4
+    assert all(v.shape == (cells,) for v in batch.cells.values())
+    assert int(batch.cells["centres"].sum()) == sum(len(s.scene.shapes) for s in samples)
 
 
 def test_calibration_conversations(tmp_path, processor):

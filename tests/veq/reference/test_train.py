@@ -6,9 +6,9 @@ import json
 
 import torch
 
-from veq.reference.card import load_reference
-from veq.reference.evaluate import evaluate, heldout_samples
-from veq.reference.train import CHECKPOINT, HISTORY, export, main
+from refmodel.train import CHECKPOINT, HISTORY, export, main
+from veq.reference.evaluate import evaluate, heldout_samples, load_reference
+from veq.reference.shapes import FAMILIES
 
 TINY = (
     "--hidden 64 --layers 1 --experts 4 --top-k 2 --moe-intermediate 32 --heads 2 --kv-heads 1 "
@@ -31,7 +31,7 @@ def test_train_resume_export_evaluate(tmp_path):
     assert "resuming run" in log and "step 5/5 loss" in log
     rows = [json.loads(line) for line in (run / HISTORY).read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 5]
-    assert set(rows[-1]["per_family"]) == {"color", "shape", "count", "exists", "position", "text"}
+    assert set(rows[-1]["per_family"]) == set(FAMILIES)
 
     out = export(run, tmp_path / "model")
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
@@ -40,11 +40,11 @@ def test_train_resume_export_evaluate(tmp_path):
     model, processor = load_reference(out)
     res = evaluate(model, processor, heldout_samples(12))
     assert res.n == 12 and 0.0 <= res.accuracy <= 1.0 and res.answer_nll > 0
-    assert set(res.per_family) == {"color", "shape", "count", "exists", "position", "text"}
+    assert set(res.per_family) == set(FAMILIES)
 
 
 def test_training_data_does_not_depend_on_resume_point(tmp_path):
-    from veq.reference.train import ModelSize, TrainConfig, Trainer
+    from refmodel.train import ModelSize, TrainConfig, Trainer
 
     cfg = TrainConfig(batch=3, eval_questions=6)
     size = ModelSize(
