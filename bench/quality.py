@@ -151,8 +151,8 @@ def main() -> None:
     body = (
         f"## Quality on the reference model (`bench/quality.py`, {today()})\n\n"
         f"**{device_name('cpu')}**, model `{args.model}`, {args.samples} held-out questions "
-        f"(offset {args.seed}), calibration: built-in set, {args.calib_samples} samples, seeds "
-        f"{args.calib_seeds} (RTN uses none: one run). Accuracy and KL are the mean and, in "
+        f"(offset {args.seed}), calibration: the `shapes` source, {args.calib_samples} samples, "
+        f"seeds {args.calib_seeds} (RTN uses none: one run). Accuracy and KL are the mean and, in "
         "brackets, the min–max over seeds; KL(16-bit ‖ quantized) is per answer position in nats; "
         "'quantized MiB' counts the quantized linears only (codes + scales + zero points). "
         f"16-bit: {100 * base['accuracy']:.1f} % ({fam}); its linears take "

@@ -41,7 +41,8 @@ class CalibrationError(ValueError):
     pass
 
 
-def _images_before(messages: Sequence[dict[str, Any]]) -> int:
+def image_parts(messages: Sequence[dict[str, Any]]) -> int:
+    """How many `{"type": "image"}` placeholders `messages` hold."""
     return sum(
         1
         for m in messages
@@ -83,9 +84,9 @@ def encode_conversation(
         if message["role"] != "assistant":
             continue
         before = conv.messages[:k]
-        start = _encode(processor, before, conv.images[: _images_before(before)], True)
+        start = _encode(processor, before, conv.images[: image_parts(before)], True)
         end = _encode(
-            processor, conv.messages[: k + 1], conv.images[: _images_before(before)], False
+            processor, conv.messages[: k + 1], conv.images[: image_parts(before)], False
         )
         kinds[start["input_ids"].shape[1] : end["input_ids"].shape[1]] = int(TokenKind.ANSWER)
     kinds[ids == image_token_id] = int(TokenKind.VISION)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from veq.calib.data import CalibrationError, Conversation
+from veq.calib.data import CalibrationError, Conversation, image_parts
 
 Loader = Callable[[int, int], list[Conversation]]
 """`(n, seed) -> n conversations`, a pure function of its arguments."""
@@ -214,6 +214,23 @@ def _normalise_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def place_images(messages: list[dict[str, Any]], n_images: int) -> list[dict[str, Any]]:
+    """`messages` with one `{"type": "image"}` placeholder per image: as given, or, when a row
+    names images but its text has no placeholder (LLaVA-style loaders and TRL assume this), all
+    of them at the start of the first user turn. Any other mismatch is an error."""
+    n_parts = image_parts(messages)
+    if n_parts == n_images:
+        return messages
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if n_parts or first_user is None:
+        raise CalibrationError(f"{n_images} image(s) but {n_parts} image placeholder(s)")
+    out = list(messages)
+    content = out[first_user]["content"]
+    parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+    out[first_user] = {**out[first_user], "content": [{"type": "image"}] * n_images + parts}
+    return out
+
+
 def load_jsonl(path: str | Path) -> list[Conversation]:
     """Conversations from a JSONL file; image paths are relative to the file."""
     path = _require_file(path)
@@ -233,17 +250,10 @@ def load_jsonl(path: str | Path) -> list[Conversation]:
             messages = _llava_messages(row["conversations"], len(imgs))
         else:
             raise CalibrationError(f"{path.name}:{lineno}: needs 'messages' or 'conversations'")
-        n_parts = sum(
-            1
-            for m in messages
-            if isinstance(m["content"], list)
-            for p in m["content"]
-            if p.get("type") == "image"
-        )
-        if n_parts != len(imgs):
-            raise CalibrationError(
-                f"{path.name}:{lineno}: {len(imgs)} image(s) but {n_parts} image placeholder(s)"
-            )
+        try:
+            messages = place_images(messages, len(imgs))
+        except CalibrationError as exc:
+            raise CalibrationError(f"{path.name}:{lineno}: {exc}") from None
         out.append(Conversation(imgs, tuple(messages)))
     if not out:
         raise CalibrationError(f"calibration file {path.name} has no samples")
@@ -271,7 +281,7 @@ def load_hf_dataset(name: str, n: int, split: str = "train") -> list[Conversatio
             messages = _llava_messages(row["conversations"], len(imgs))
         else:
             messages = _normalise_parts(row["messages"])
-        out.append(Conversation(imgs, tuple(messages)))
+        out.append(Conversation(imgs, tuple(place_images(messages, len(imgs)))))
     return out
 
 

@@ -100,16 +100,48 @@ def test_jsonl_messages_and_llava(tmp_path, processor):
     assert fingerprint(samples) == fingerprint(samples) != fingerprint(samples[:1])
 
 
+def test_jsonl_images_without_placeholders_open_the_first_user_turn(tmp_path, processor):
+    """The common row `{"image", "messages"}` with plain-string content (LLaVA loaders, TRL)."""
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    row = {
+        "image": "a.png",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What color is the square?"},
+            {"role": "assistant", "content": "grey"},
+            {"role": "user", "content": "Sure?"},
+            {"role": "assistant", "content": "yes"},
+        ],
+    }
+    path = tmp_path / "calib.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (conv,) = load_jsonl(path)
+    assert conv.messages[1]["content"] == [
+        {"type": "image"},
+        {"type": "text", "text": "What color is the square?"},
+    ]
+    assert conv.messages[0] == row["messages"][0] and conv.messages[3] == row["messages"][3]
+    sample = encode_conversation(processor, conv, _image_id(processor))
+    assert int((sample.kinds == TokenKind.VISION).sum()) > 0
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
         ("{not json", "invalid JSON"),
+        (
+            '{"images": ["a.png", "a.png"], "messages": [{"role": "user", "content": '
+            '[{"type": "image"}, {"type": "text", "text": "x"}]}]}',
+            r"2 image\(s\) but 1 image placeholder",
+        ),
+        ('{"image": "a.png", "messages": [{"role": "assistant", "content": "x"}]}', "0 image"),
         ('{"image": "missing.png", "messages": []}', "cannot read calibration image"),
         ('{"messages": [{"role": "user", "content": [{"type": "image"}]}]}', r"0 image\(s\) but 1"),
         ('{"foo": 1}', "needs 'messages' or 'conversations'"),
     ],
 )
 def test_jsonl_errors_are_clear(tmp_path, content, message):
+    Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(tmp_path / "a.png")
     path = tmp_path / "bad.jsonl"
     path.write_text(content + "\n")
     with pytest.raises(CalibrationError, match=message):
