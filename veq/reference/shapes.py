@@ -244,12 +244,16 @@ def make_scene(rng: random.Random) -> Scene:
     return Scene(width, height, tuple(shapes), kind, bg, angle, noise, aa)
 
 
-def outline_of(s: Shape, scale: float = 1.0) -> list[tuple[float, float]] | tuple[float, ...]:
-    """The drawn outline of `s` at `scale`: an ellipse box (x0, y0, x1, y1) for circles, else
-    polygon vertices."""
-    cx, cy, r = s.cx * scale, s.cy * scale, s.size * scale / 2
+def outline_of(
+    s: Shape, scale: float = 1.0, scale_y: float | None = None
+) -> list[tuple[float, float]] | tuple[float, ...]:
+    """The drawn outline of `s` with x scaled by `scale` and y by `scale_y` (default: the same;
+    the processor's resize stretches an image a little when its sides round differently): an
+    ellipse box (x0, y0, x1, y1) for circles, else polygon vertices."""
+    stretch = 1.0 if scale_y is None else scale_y / scale
+    cx, cy, r = s.cx * scale, s.cy * scale * stretch, s.size * scale / 2
     if s.shape == "circle":
-        return (cx - r, cy - r, cx + r, cy + r)
+        return (cx - r, cy - r * stretch, cx + r, cy + r * stretch)
     if s.shape == "square":
         q = r * 0.86
         pts = [(-q, -q), (q, -q), (q, q), (-q, q)]
@@ -262,11 +266,19 @@ def outline_of(s: Shape, scale: float = 1.0) -> list[tuple[float, float]] | tupl
             (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w),
         ]  # fmt: skip
     c, sn = math.cos(math.radians(s.rotation)), math.sin(math.radians(s.rotation))
-    return [(cx + x * c - y * sn, cy + x * sn + y * c) for x, y in pts]
+    return [(cx + x * c - y * sn, cy + (x * sn + y * c) * stretch) for x, y in pts]
 
 
-def _draw(draw: ImageDraw.ImageDraw, s: Shape, scale: float, fill, outline, width: int) -> None:
-    shape = outline_of(s, scale)
+def _draw(
+    draw: ImageDraw.ImageDraw,
+    s: Shape,
+    scale: float,
+    fill,
+    outline,
+    width: int,
+    scale_y: float | None = None,
+) -> None:
+    shape = outline_of(s, scale, scale_y)
     if s.shape == "circle":
         draw.ellipse(shape, fill=fill, outline=outline, width=width)
     else:
@@ -309,11 +321,11 @@ def label_map(scene: Scene, width: int, height: int) -> np.ndarray:
     uint8, 0 background, i + 1 for `scene.shapes[i]` (later objects cover earlier ones)."""
     mask = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask)
-    scale = width / scene.width
+    sx, sy = width / scene.width, height / scene.height
     for i, s in enumerate(scene.shapes):
         hollow = s.fill is None
-        stroke = max(1, round(s.stroke * scale)) if hollow else 0
-        _draw(draw, s, scale, None if hollow else i + 1, i + 1 if hollow else None, stroke)
+        stroke = max(1, round(s.stroke * (sx + sy) / 2)) if hollow else 0
+        _draw(draw, s, sx, None if hollow else i + 1, i + 1 if hollow else None, stroke, sy)
     return np.asarray(mask)
 
 

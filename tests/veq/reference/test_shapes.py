@@ -198,3 +198,16 @@ def test_label_map_marks_the_drawn_pixels():
         assert (labels == 1).mean() > 0.5 * (obj.size / 2) ** 2 / (sc.width * sc.height)
         checked += 1
     assert checked >= 5
+
+
+def test_label_map_follows_the_processors_stretch():
+    """132×76 becomes 192×128 in the processor (x ×1.45, y ×1.68): the map stretches with it."""
+    scene = shapes.sample(1).scene
+    assert (scene.width, scene.height) == (132, 76)
+    labels = shapes.label_map(scene, 192, 128)
+    ys, xs = np.nonzero(labels == 1)
+    obj = scene.shapes[0]
+    assert obj.shape == "triangle" and abs(obj.rotation) < 1  # apex at cy - r, base at cy + 0.8r
+    sx, sy, r = 192 / 132, 128 / 76, obj.size / 2
+    assert abs(ys.min() - (obj.cy - r) * sy) < 2 and abs(ys.max() - (obj.cy + 0.8 * r) * sy) < 2
+    assert abs(xs.min() - (obj.cx - r) * sx) < 2 and abs(xs.max() - (obj.cx + r) * sx) < 2
