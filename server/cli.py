@@ -86,6 +86,7 @@ def _quantize(args: argparse.Namespace) -> int:
             gamma=_gamma(args.gamma),
             mixed_precision=args.mixed_precision,
             act_order=args.act_order,
+            lam=args.lam,
             out=args.out,
             cache_dir=args.cache_dir,
             device=args.device,
@@ -467,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="expert-importance bit allocation with this average over experts (e.g. 3 or 2.5)",
     )
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    p.add_argument(
+        "--lam",
+        type=float,
+        default=1.0,
+        help="VEQ-MA's exponent λ on router affinity in c = p^λ·α (veq-ma, veq; default 1)",
+    )
     p.add_argument("--out", help="output directory (default: the cache)")
     p.add_argument("--cache-dir", help="cache directory (default: $VEQ_CACHE_DIR or ~/.cache/veq)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="calibration device (default: auto)")

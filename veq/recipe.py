@@ -17,11 +17,6 @@ from veq.config import Bits, GroupSize, QuantConfig
 Method = Literal["rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq"]
 METHODS: tuple[str, ...] = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq")
 
-#: Methods that search AWQ scales (and fold them into the previous operation).
-SCALE_METHODS = frozenset({"awq", "mbq", "veq-me", "veq"})
-#: Methods that run GPTQ (plain or on VEQ-MA's weighted Hessian).
-HESSIAN_METHODS = frozenset({"gptq", "veq-ma", "veq"})
-
 
 class Recipe(BaseModel):
     """Everything that decides the quantized weights, given a model and calibration data."""

@@ -58,6 +58,26 @@ def test_group_size_parsing():
         parser.parse_args(["quantize", "--group-size", "48"])
 
 
+def test_quantize_passes_lam_and_the_models_own_calibration_source(monkeypatch, capsys):
+    import veq.api
+
+    seen = {}
+
+    class Done:
+        def summary(self) -> str:
+            return "done"
+
+    def fake_quantize(model, **kwargs):
+        seen.update(kwargs, model=model)
+        return Done()
+
+    monkeypatch.setattr(veq.api, "quantize", fake_quantize)
+    assert main(["quantize", "--method", "veq-ma", "--lam", "0.5", "--quiet"]) == 0
+    assert seen["lam"] == 0.5 and seen["method"] == "veq-ma" and seen["model"] == "mini"
+    assert seen["calib"] is None  # veq.api.default_calib picks shapes for mini
+    assert capsys.readouterr().out.strip() == "done"
+
+
 def test_models_lists_bundled(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out

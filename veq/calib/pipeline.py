@@ -6,8 +6,9 @@ it was). Per layer: pass 1 runs the original layer over every calibration sample
 block's inputs for routing); then AWQ-family scales are searched and folded into the previous
 operation (the function is unchanged in full precision); then every linear is quantized and its
 dequantized weights written back; pass 2 runs the *quantized* layer to produce the next layer's
-inputs. It does not save anything (`veq.checkpoint` does) and knows architectures only through
-`veq.models` tables.
+inputs. It knows no method by name: what differs between methods (token weights, expert
+importance, solver) is the strategy of `veq.calib.methods`. It does not save anything
+(`veq.checkpoint` does) and knows architectures only through `veq.models` tables.
 
 Shape legend: T tokens, S sequence, E experts, H hidden, I expert intermediate, K in-features.
 """
@@ -27,16 +28,12 @@ from tqdm.auto import tqdm
 
 from veq.algorithms import (
     ExpertWeights,
-    awq_quantize,
     awq_scales,
     expert_importance,
-    gptq,
-    ma_token_weights,
-    mbq_token_weights,
-    rtn,
     shared_scale_search,
 )
 from veq.calib.data import CalibSample
+from veq.calib.methods import Statistics, Tokens, method_for
 from veq.config import QuantConfig
 from veq.format import packed_nbytes
 from veq.models import (
@@ -50,12 +47,7 @@ from veq.models import (
     layer_linears,
 )
 from veq.quantizer import QuantizedWeight
-from veq.recipe import (
-    HESSIAN_METHODS,
-    SCALE_METHODS,
-    Recipe,
-    allocate_expert_bits,
-)
+from veq.recipe import Recipe, allocate_expert_bits
 from veq.stats import ActivationStats, HessianAccumulator
 from veq.tokens import TokenKind
 
@@ -262,21 +254,7 @@ class Calibrator:
         )
         self.weights: dict[str, QuantizedWeight] = {}
         self.dtype = next(model.parameters()).dtype
-
-    # -- token weights, per method ---------------------------------------------------------
-
-    def _hessian_weights(self, kinds: Tensor, p: Tensor | None = None) -> Tensor | None:
-        """c_j of the GPTQ-family Hessian: VEQ-MA's p^λ·α, or p alone for plain GPTQ."""
-        if self.recipe.method in ("veq-ma", "veq"):
-            return ma_token_weights(kinds != TokenKind.VISION, self.gamma, p, self.recipe.lam)
-        return p
-
-    def _search_weights(self, kinds: Tensor, layer: int, p: Tensor | None = None) -> Tensor | None:
-        """c_t of the AWQ-family losses: MBQ's modality weights, else p (fallback) or none."""
-        if self.recipe.method == "mbq":
-            c = mbq_token_weights(kinds, self.vision_ratios[layer])
-            return c if p is None else c * p
-        return p
+        self.method = method_for(recipe, self.gamma, self.beta, self.vision_ratios)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -318,11 +296,15 @@ class Calibrator:
 
         def move(device: torch.device) -> None:
             saved, text.layers = text.layers, nn.ModuleList()
-            self.model.to(device)
-            text.layers = saved
+            try:
+                self.model.to(device)
+            finally:
+                text.layers = saved
 
-        move(self.device)
+        # A failure anywhere (an OOM halfway through the move included) leaves the model
+        # whole and where it was.
         try:
+            move(self.device)
             return capture_inputs(self.model, self.arch, self.samples, self.device)
         finally:
             if home != self.device:
@@ -346,7 +328,7 @@ class Calibrator:
     # -- one layer -----------------------------------------------------------------------
 
     def _quantize_layer(self, i: int, layer: nn.Module, prefix: str, cap: _Capture) -> None:
-        method = self.recipe.method
+        method = self.method
         groups = layer_linears(layer, self.arch)
         moe = MoEView(layer, self.arch.moe) if is_moe_layer(layer, self.arch) else None
         per_sample = max(1, self.recipe.max_search_tokens // len(self.samples))
@@ -357,23 +339,14 @@ class Calibrator:
         def group_hook(key: str) -> Callable[[nn.Module, tuple], None]:
             def hook(module: nn.Module, args: tuple) -> None:
                 x = args[0].reshape(-1, args[0].shape[-1])
-                kinds = current["kinds"]
-                st = stats.setdefault(
-                    key,
-                    _GroupStats(
-                        x.shape[1],
-                        method in HESSIAN_METHODS,
-                        method in SCALE_METHODS,
-                        self.recipe.max_search_tokens,
-                        self.device,
-                    ),
-                )
-                st.add(x, self._hessian_weights(kinds), self._search_weights(kinds, i), per_sample)
+                t = Tokens(current["kinds"])
+                st = stats.setdefault(key, self._new_stats(x.shape[1]))
+                st.add(x, method.hessian_weights(t), method.search_weights(t, i), per_sample)
 
             return hook
 
         handles = []
-        if method != "rtn":
+        if method.needs_stats:
             for g in groups:
                 handles.append(
                     get_module(layer, g.linears[0]).register_forward_pre_hook(
@@ -399,7 +372,7 @@ class Calibrator:
 
         # Phase A: AWQ-family scales, folded into full-precision weights (function unchanged).
         scales: dict[str, Tensor] = {}
-        if method in SCALE_METHODS:
+        if method.search:
             for g in groups:
                 s = self._search_group(layer, g, stats.get(g.linears[0]))
                 if s is not None:
@@ -424,19 +397,12 @@ class Calibrator:
                 self._quantize_linear(layer, prefix, path, None, None)
         if is_moe_layer(layer, self.arch):
             moe = MoEView(layer, self.arch.moe)
-            none = torch.zeros(0, moe.expert(0).gate.shape[-1], device=self.device)
-            e = moe.num_experts
-            plan = _MoEPlan(
-                i,
-                moe,
-                none,
-                torch.zeros(0, dtype=torch.long, device=self.device),
-                torch.zeros(0, e, device=self.device),
-                [_Member(x, None, None, 0) for x in range(e)],
-                torch.zeros(e),
-                [self.recipe.bits] * e,
-            )
-            self._quantize_moe(plan, prefix)
+            cfg = self.recipe.quant_config()
+            for e in range(moe.num_experts):
+                ew = moe.expert(e)
+                solved = [self.method.solve(w, None, cfg) for w in (ew.gate, ew.up, ew.down)]
+                self._write_expert(moe, prefix, e, solved)
+            self._quantize_shared(moe, prefix, None)
 
     # -- dense groups --------------------------------------------------------------------
 
@@ -501,18 +467,15 @@ class Calibrator:
     def _solve(
         self, weight: Tensor, st: _GroupStats | None, s: Tensor | None, cfg: QuantConfig
     ) -> QuantizedWeight:
-        method = self.recipe.method
-        if method == "rtn" or st is None:
-            return rtn(weight, cfg)
-        if method in HESSIAN_METHODS:
-            h = st.hessian.hessian() if st.hessian is not None else None
-            if h is not None and s is not None:
-                h = h / torch.outer(s, s).to(h)
-            return gptq(weight, h, cfg, act_order=self.recipe.act_order, damp=self.recipe.damp)
+        """The method's solver on `st`, seen through the folded scales `s: [K]` (if any)."""
+        if st is None:
+            return self.method.solve(weight, None, cfg)
+        h = st.hessian.hessian() if st.hessian is not None else None
         x, c = st.sample()
-        if x is not None and s is not None:
-            x = x / s
-        return awq_quantize(weight, x, cfg, token_weights=c, clip=self.recipe.clip)
+        if s is not None:
+            h = h / torch.outer(s, s).to(h) if h is not None else None
+            x = x / s if x is not None else None
+        return self.method.solve(weight, Statistics(h, x, c), cfg)
 
     def _record(self, name: str, qw: QuantizedWeight) -> None:
         # Results live on the host: the device holds one layer at a time, never the model.
@@ -539,11 +502,11 @@ class Calibrator:
             n_text[e] = float((routed & is_text).sum())
             n_vis[e] = float((routed & ~is_text).sum())
             if n >= self.recipe.min_expert_tokens:
-                members.append(_Member(e, routed.nonzero().squeeze(1), None, n))
+                members.append(_Member(e, routed.nonzero().squeeze(1), n))
             else:
                 # Too few routed tokens for a usable Hessian: every token, weighted by its
                 # router probability for this expert (docs/design.md §Our defaults); reported.
-                members.append(_Member(e, None, probs[:, e].float(), n))
+                members.append(_Member(e, None, n))
                 self.report.fallback_experts.append({"layer": layer_idx, "expert": e, "tokens": n})
         importance = expert_importance(n_text, n_vis, self.gamma, self.beta)
         if self.recipe.mixed_precision is not None:
@@ -552,11 +515,12 @@ class Calibrator:
             bits = [self.recipe.bits] * e_count
         return _MoEPlan(layer_idx, moe, x.to(self.device), kinds, probs, members, importance, bits)
 
-    def _member_tokens(self, plan: _MoEPlan, m: _Member) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Expert m's inputs [T_m, H], their kinds [T_m], and fallback weights p (or None)."""
+    def _member_tokens(self, plan: _MoEPlan, m: _Member) -> tuple[Tensor, Tokens]:
+        """Expert m's inputs `[T_m, H]` and their tokens: kinds and router affinity for m."""
+        affinity = plan.probs[:, m.expert].float()
         if m.tokens is None:
-            return plan.x, plan.kinds, m.weights
-        return plan.x[m.tokens], plan.kinds[m.tokens], None
+            return plan.x, Tokens(plan.kinds, affinity, fallback=True)
+        return plan.x[m.tokens], Tokens(plan.kinds[m.tokens], affinity[m.tokens])
 
     def _search_moe(self, plan: _MoEPlan) -> None:
         """Per-expert up→down scales, then the gate/up scale shared by all experts (and shared
@@ -566,11 +530,11 @@ class Calibrator:
         cfg = self.recipe.quant_config()
         with torch.no_grad():
             for m in plan.members:
-                x, kinds, p = self._member_tokens(plan, m)
+                x, t = self._member_tokens(plan, m)
                 idx = _subsample(x.shape[0], cap, x.device)
                 ew = layer.expert(m.expert)
                 h = F.silu(x[idx].float() @ ew.gate.float().T) * (x[idx].float() @ ew.up.float().T)
-                c = self._search_weights(kinds[idx], plan.layer, p[idx] if p is not None else None)
+                c = self.method.search_weights(t.select(idx), plan.layer)
                 if c is not None and float(c.sum()) <= 0:
                     continue  # no token this method counts (MBQ: prompt-only expert)
                 s2, _ = awq_scales([ew.down], h, cfg, token_weights=c, grid=self.recipe.awq_grid)
@@ -579,13 +543,14 @@ class Calibrator:
 
         experts, inputs, weights, importance = [], [], [], []
         for m in plan.members:
-            x, kinds, p = self._member_tokens(plan, m)
+            x, t = self._member_tokens(plan, m)
             idx = _subsample(x.shape[0], cap, x.device)
             experts.append(layer.expert(m.expert))
             inputs.append(x[idx])
-            c = self._search_weights(kinds[idx], plan.layer, p[idx] if p is not None else None)
+            c = self.method.search_weights(t.select(idx), plan.layer)
             weights.append(c)
-            importance.append(self._member_importance(plan, m, kinds, p, c))
+            routed = float(plan.importance[m.expert]) if m.tokens is not None else None
+            importance.append(self.method.expert_importance(routed, t, c))
         if layer.shared is not None:
             idx = _subsample(plan.x.shape[0], cap, plan.x.device)
             sh = layer.shared
@@ -593,9 +558,9 @@ class Calibrator:
                 ExpertWeights(sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
             )
             inputs.append(plan.x[idx])
-            c = self._search_weights(plan.kinds[idx], plan.layer)
+            c = self.method.search_weights(Tokens(plan.kinds[idx]), plan.layer)
             weights.append(c)
-            importance.append(self._member_importance(plan, None, plan.kinds, None, c))
+            importance.append(self.method.expert_importance(None, Tokens(plan.kinds), c))
         s1, _ = shared_scale_search(
             experts,
             inputs,
@@ -613,21 +578,6 @@ class Calibrator:
                 ew.gate.mul_(s1.to(ew.gate.dtype))
                 ew.up.mul_(s1.to(ew.up.dtype))
 
-    def _member_importance(
-        self, plan: _MoEPlan, m: _Member | None, kinds: Tensor, p: Tensor | None, c: Tensor | None
-    ) -> float:
-        """S_i of the shared search: VEQ's γN_text + βN_vis, else the (weighted) token count."""
-        method = self.recipe.method
-        if method in ("veq-me", "veq"):
-            if m is not None and m.tokens is not None:
-                return float(plan.importance[m.expert])
-            w = p if p is not None else torch.ones(kinds.shape[0], device=kinds.device)
-            text = kinds != TokenKind.VISION
-            return float(self.gamma * w[text].sum() + self.beta * w[~text].sum())
-        if c is not None:
-            return float(c.sum())
-        return float(kinds.shape[0])
-
     def _layer_of(self, plan: _MoEPlan) -> nn.Module:
         return decoder_layers(self.model, self.arch)[plan.layer]
 
@@ -635,54 +585,58 @@ class Calibrator:
         moe = plan.moe
         s1 = plan.scale
         for m in plan.members:
-            x, kinds, p = self._member_tokens(plan, m)
+            x, t = self._member_tokens(plan, m)
             if s1 is not None:
                 x = x / s1
             cfg = self.recipe.quant_config(plan.bits[m.expert])
             ew = moe.expert(m.expert)
-            gate_up_st = self._stats_for(x, kinds, p, plan.layer)
+            gate_up_st = self._stats_for(x, t, plan.layer)
             qg = self._solve(ew.gate, gate_up_st, None, cfg)
             qu = self._solve(ew.up, gate_up_st, None, cfg)
-            # down's inputs through the (folded, still full-precision) gate/up of this expert.
+            # down's inputs through the (folded, still full-precision) gate/up of this expert,
+            # weighted per token as gate/up's inputs are.
             h = F.silu(x.float() @ ew.gate.float().T) * (x.float() @ ew.up.float().T)
-            qd = self._solve(ew.down, self._stats_for(h, kinds, p, plan.layer), None, cfg)
-            moe.set_expert(
-                m.expert,
-                qg.dequantize(ew.gate.dtype),
-                qu.dequantize(ew.up.dtype),
-                qd.dequantize(ew.down.dtype),
-            )
-            names = moe.expert_names(prefix, m.expert)
-            for name, qw in zip(names, (qg, qu, qd), strict=True):
-                self._record(name, qw)
+            qd = self._solve(ew.down, self._stats_for(h, t, plan.layer), None, cfg)
+            self._write_expert(moe, prefix, m.expert, [qg, qu, qd])
         if moe.shared is not None:
             x = plan.x / s1 if s1 is not None else plan.x
-            st = self._stats_for(x, plan.kinds, None, plan.layer)
-            base = f"{prefix}.{self.arch.moe.block}.{self.arch.moe.shared}"
-            for name in ("gate_proj", "up_proj"):
-                module = getattr(moe.shared, name)
-                qw = self._solve(module.weight, st, None, self.recipe.quant_config())
-                module.weight.copy_(qw.dequantize(module.weight.dtype))
-                self._record(f"{base}.{name}", qw)
+            self._quantize_shared(moe, prefix, self._stats_for(x, Tokens(plan.kinds), plan.layer))
 
-    def _stats_for(
-        self, x: Tensor, kinds: Tensor, p: Tensor | None, layer: int
-    ) -> _GroupStats | None:
-        """Statistics of already-collected inputs `x: [T, K]` (experts, shared experts)."""
-        method = self.recipe.method
-        if method == "rtn":
-            return None
-        st = _GroupStats(
-            x.shape[1],
-            method in HESSIAN_METHODS,
-            method in SCALE_METHODS,
-            self.recipe.max_search_tokens,
-            self.device,
+    def _write_expert(
+        self, moe: MoEView, prefix: str, e: int, solved: Sequence[QuantizedWeight]
+    ) -> None:
+        """Expert e's quantized gate, up, down: dequantized into the model, recorded."""
+        ew = moe.expert(e)
+        weights = (ew.gate, ew.up, ew.down)
+        moe.set_expert(e, *(q.dequantize(w.dtype) for q, w in zip(solved, weights, strict=True)))
+        for name, qw in zip(moe.expert_names(prefix, e), solved, strict=True):
+            self._record(name, qw)
+
+    def _quantize_shared(self, moe: MoEView, prefix: str, st: _GroupStats | None) -> None:
+        """The shared expert's gate and up (its down is a dense group of the layer)."""
+        if moe.shared is None:
+            return
+        base = f"{prefix}.{self.arch.moe.block}.{self.arch.moe.shared}"
+        for name in ("gate_proj", "up_proj"):
+            module = getattr(moe.shared, name)
+            qw = self._solve(module.weight, st, None, self.recipe.quant_config())
+            module.weight.copy_(qw.dequantize(module.weight.dtype))
+            self._record(f"{base}.{name}", qw)
+
+    def _new_stats(self, k: int) -> _GroupStats:
+        return _GroupStats(
+            k, self.method.hessian, self.method.search, self.recipe.max_search_tokens, self.device
         )
+
+    def _stats_for(self, x: Tensor, t: Tokens, layer: int) -> _GroupStats | None:
+        """Statistics of already-collected inputs `x: [T, K]` (experts, shared experts)."""
+        if not self.method.needs_stats:
+            return None
+        st = self._new_stats(x.shape[1])
         st.add(
             x.float(),
-            self._hessian_weights(kinds, p),
-            self._search_weights(kinds, layer, p),
+            self.method.hessian_weights(t),
+            self.method.search_weights(t, layer),
             self.recipe.max_search_tokens,
         )
         return st
@@ -690,11 +644,11 @@ class Calibrator:
 
 @dataclass
 class _Member:
-    """One expert's calibration tokens: routed indices, or None with all-token weights."""
+    """One expert's calibration tokens: routed indices, or None for the all-token fallback
+    (weighted by router affinity)."""
 
     expert: int
     tokens: Tensor | None
-    weights: Tensor | None
     routed: int
 
 

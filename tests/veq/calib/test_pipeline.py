@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import (
@@ -14,6 +16,7 @@ from veq.recipe import METHODS, Recipe
 from veq.tokens import TokenKind
 
 LAYOUTS = ["qwen3_vl_moe", "kimi_vl", "kimi_k25"]
+EXPERT = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.")
 
 
 def calibrate(model, samples, method, bits, **recipe):
@@ -147,3 +150,61 @@ def test_data_free_rtn_equals_rtn_with_data(layout, tiny_model, calib):
         assert torch.equal(qw.codes, other.codes), name
         assert torch.equal(qw.scale, other.scale) and torch.equal(qw.zero, other.zero), name
     assert free.report.bytes_quantized == with_data.report.bytes_quantized
+
+
+def test_every_method_has_one_strategy():
+    from veq.calib.methods import METHOD_CLASSES
+
+    assert set(METHOD_CLASSES) == set(METHODS)
+
+
+@pytest.mark.parametrize("layout", ["qwen3_vl_moe", "kimi_vl"])
+def test_veq_ma_affinity_reaches_routed_experts(layout, tiny_model, calib):
+    """c = p^λ·α for routed experts too: λ changes their codes (it changed nothing before)."""
+    samples = calib(layout, n=6)
+    codes = {}
+    for lam in (0.0, 1.0):
+        result = calibrate(tiny_model(layout), samples, "veq-ma", 3, lam=lam)
+        fallback = {(f["layer"], f["expert"]) for f in result.report.fallback_experts}
+        codes[lam] = {
+            k: w.codes
+            for k, w in result.weights.items()
+            if (m := EXPERT.search(k)) and (int(m[1]), int(m[2])) not in fallback
+        }
+    assert codes[0.0] and codes[0.0].keys() == codes[1.0].keys()
+    changed = [k for k in codes[0.0] if not torch.equal(codes[0.0][k], codes[1.0][k])]
+    assert len(changed) > len(codes[0.0]) // 2, f"{len(changed)} of {len(codes[0.0])} changed"
+    # Down-proj sees the same token weights as gate/up.
+    assert any(k.endswith("down_proj") for k in changed)
+
+
+def test_plain_gptq_ignores_routed_affinity(tiny_model, calib):
+    """λ is VEQ-MA's: GPTQ's routed experts weigh their tokens equally whatever λ says."""
+    samples = calib("qwen3_vl_moe", n=4)
+    a = calibrate(tiny_model("qwen3_vl_moe"), samples, "gptq", 3, lam=0.0)
+    b = calibrate(tiny_model("qwen3_vl_moe"), samples, "gptq", 3, lam=1.0)
+    assert all(torch.equal(a.weights[k].codes, b.weights[k].codes) for k in a.weights)
+
+
+def test_capture_restores_the_model_when_the_move_fails(tiny_model, calib, monkeypatch):
+    model = tiny_model("qwen3_vl_moe")
+    samples = calib("qwen3_vl_moe", n=2)
+    recipe = Recipe(method="gptq", bits=4, group_size=32, gamma=10.0)
+    calibrator = Calibrator(
+        model, samples, recipe, gamma=10.0, gamma_source="given", progress=False
+    )
+    layers = model.model.language_model.layers
+    n_layers = len(layers)
+    real_to = torch.nn.Module.to
+
+    def failing_to(self, *args, **kwargs):
+        if self is model:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", failing_to)
+    calibrator.device = torch.device("meta")  # a move that is attempted, and fails
+    with pytest.raises(RuntimeError, match="out of memory"):
+        calibrator._capture(layers)
+    assert len(model.model.language_model.layers) == n_layers
+    assert next(model.parameters()).device.type == "cpu"

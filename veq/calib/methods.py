@@ -1,0 +1,183 @@
+"""One strategy per quantization method: what the layer loop asks of it, and nothing else.
+
+The loop (`veq.calib.pipeline`) captures inputs, collects statistics, solves and propagates; it
+never looks at a method's name. A method says whether it needs GPTQ Hessians (`hessian`) or
+AWQ-family scale searches (`search`), which per-token weights those statistics use, how much
+each expert matters in the shared scale search, and which solver quantizes a weight. Adding a
+method is one class here and its name in `veq.recipe.METHODS`.
+
+Token weights see a `Tokens` view: the tokens' kinds and, for experts, each token's router
+affinity `p` for the expert being calibrated. Experts with enough routed tokens see only those;
+fallback experts (too few routed tokens) see every token, weighted by `p` as a soft membership
+(docs/design.md §2.6), which every method applies.
+
+Shape legend: T tokens, N out-features, K in-features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from veq.algorithms import awq_quantize, gptq, ma_token_weights, mbq_token_weights, rtn
+from veq.config import QuantConfig
+from veq.quantizer import QuantizedWeight
+from veq.recipe import Recipe
+from veq.tokens import TokenKind
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The tokens a statistic is collected over: `kinds: [T]` int8 (`TokenKind`); `affinity:
+    [T]` fp32, the router's softmax probability (over all experts, before top-k) of each token for
+    the expert being calibrated, None for dense modules; `fallback`: the expert had too few routed
+    tokens and sees every token, `affinity` acting as membership."""
+
+    kinds: Tensor
+    affinity: Tensor | None = None
+    fallback: bool = False
+
+    @property
+    def membership(self) -> Tensor | None:
+        """Per-token weights every method applies: `affinity` for a fallback expert, else none."""
+        return self.affinity if self.fallback else None
+
+    def select(self, idx: Tensor) -> Tokens:
+        a = self.affinity[idx] if self.affinity is not None else None
+        return Tokens(self.kinds[idx], a, self.fallback)
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """What a solver gets for one weight: the Hessian of its inputs (`[K, K]` fp64 or None), and
+    sampled inputs `x: [T, K]` with their token weights `c: [T]` (or None) for AWQ-family
+    losses."""
+
+    hessian: Tensor | None = None
+    x: Tensor | None = None
+    c: Tensor | None = None
+
+
+class Method:
+    """Round-to-nearest: no statistics, no data (`Recipe.data_free`)."""
+
+    name: ClassVar[str] = "rtn"
+    hessian: ClassVar[bool] = False
+    search: ClassVar[bool] = False
+
+    def __init__(
+        self, recipe: Recipe, gamma: float, beta: float, vision_ratios: Sequence[float]
+    ) -> None:
+        self.recipe = recipe
+        self.gamma, self.beta = float(gamma), float(beta)
+        self.vision_ratios = list(vision_ratios)
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.hessian or self.search
+
+    def hessian_weights(self, t: Tokens) -> Tensor | None:
+        """c_j of the Hessian `Σ_j c_j x_j x_jᵀ` (None: every token 1)."""
+        return t.membership
+
+    def search_weights(self, t: Tokens, layer: int) -> Tensor | None:
+        """c_t of the AWQ-family output loss `Σ_t c_t ‖(W − Q(W)) x_t‖²` (None: every token 1)."""
+        return t.membership
+
+    def expert_importance(
+        self, routed_importance: float | None, t: Tokens, c: Tensor | None
+    ) -> float:
+        """S_i of one expert in the shared scale search: its (weighted) token count.
+        `routed_importance` is VEQ's S_i of a routed expert (None for fallback and shared
+        experts); `c` the search weights of the expert's tokens."""
+        return float(c.sum()) if c is not None else float(t.kinds.shape[0])
+
+    def solve(self, weight: Tensor, st: Statistics | None, cfg: QuantConfig) -> QuantizedWeight:
+        """Quantize `weight: [N, K]`."""
+        return rtn(weight, cfg)
+
+
+class GPTQ(Method):
+    """GPTQ on the (membership-weighted) Hessian of each weight's inputs."""
+
+    name = "gptq"
+    hessian = True
+
+    def solve(self, weight: Tensor, st: Statistics | None, cfg: QuantConfig) -> QuantizedWeight:
+        if st is None or st.hessian is None:
+            return rtn(weight, cfg)
+        return gptq(weight, st.hessian, cfg, act_order=self.recipe.act_order, damp=self.recipe.damp)
+
+
+class AWQ(Method):
+    """AWQ: activation-aware scales searched per linear group (and per expert), then clipping."""
+
+    name = "awq"
+    search = True
+
+    def solve(self, weight: Tensor, st: Statistics | None, cfg: QuantConfig) -> QuantizedWeight:
+        if st is None or st.x is None:
+            return rtn(weight, cfg)
+        return awq_quantize(weight, st.x, cfg, token_weights=st.c, clip=self.recipe.clip)
+
+
+class MBQ(AWQ):
+    """MBQ: AWQ whose loss weighs each token by its modality's gradient ratio per layer."""
+
+    name = "mbq"
+
+    def search_weights(self, t: Tokens, layer: int) -> Tensor | None:
+        c = mbq_token_weights(t.kinds, self.vision_ratios[layer])
+        return c if t.membership is None else c * t.membership
+
+
+class VEQME(AWQ):
+    """VEQ-ME: AWQ whose shared expert scale weighs experts by S_i = γ·N_i^text + β·N_i^vis."""
+
+    name = "veq-me"
+
+    def expert_importance(
+        self, routed_importance: float | None, t: Tokens, c: Tensor | None
+    ) -> float:
+        if routed_importance is not None:
+            return routed_importance
+        w = t.membership if t.membership is not None else torch.ones(t.kinds.shape[0])
+        w = w.to(t.kinds.device)
+        text = t.kinds != TokenKind.VISION
+        return float(self.gamma * w[text].sum() + self.beta * w[~text].sum())
+
+
+class VEQMA(GPTQ):
+    """VEQ-MA: GPTQ on Hessians weighted by c_j = p_j^λ · α_j (α = γ on text, 1 on vision), for
+    every expert, routed or fallback. p is the router's softmax probability before top-k: the
+    affinity the router assigns, defined for every (token, expert) pair, so routed and fallback
+    experts weigh tokens on one scale (the renormalised top-k weight exists for routed tokens
+    only). Dense modules (attention) have p = 1."""
+
+    name = "veq-ma"
+
+    def hessian_weights(self, t: Tokens) -> Tensor | None:
+        is_text = t.kinds != TokenKind.VISION
+        return ma_token_weights(is_text, self.gamma, t.affinity, self.recipe.lam)
+
+
+class VEQ(VEQMA, VEQME):
+    """VEQ: VEQ-ME's expert-weighted scale search, then VEQ-MA's weighted GPTQ."""
+
+    name = "veq"
+    hessian = True
+    search = True
+
+
+METHOD_CLASSES: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Method, GPTQ, AWQ, MBQ, VEQME, VEQMA, VEQ)
+}
+
+
+def method_for(recipe: Recipe, gamma: float, beta: float, vision_ratios: Sequence[float]) -> Method:
+    """The strategy of `recipe.method`."""
+    return METHOD_CLASSES[recipe.method](recipe, gamma, beta, vision_ratios)
