@@ -30,7 +30,7 @@ from torch import nn
 
 from refmodel.plain import plain_set
 from veq.reference import MINI_CALIB
-from veq.reference.encode import Encoder, calibration_conversations
+from veq.reference.encode import Encoder, calibration_conversations, calibration_samples
 from veq.reference.evaluate import evaluate, heldout_samples, load_reference
 from veq.reference.shapes import CALIB_SEEDS, FAMILIES, HELDOUT_SEEDS, TRAIN_SEEDS, VALID_SEEDS
 
@@ -50,8 +50,6 @@ def routing_stats(model: nn.Module, processor: Any, n: int = 96, seed: int = 0) 
     distributions of vision tokens and of text tokens (every real non-vision token), their
     total-variation distance, busiest-expert load ÷ mean load (all tokens, and per modality), and
     how many experts are vision-leaning (vision share of the two normalised loads > 0.8)."""
-    from veq.reference.shapes import training_sample
-
     encoder = Encoder(processor)
     routers = [
         layer.mlp.gate for layer in model.model.language_model.layers if hasattr(layer.mlp, "gate")
@@ -63,7 +61,7 @@ def routing_stats(model: nn.Module, processor: Any, n: int = 96, seed: int = 0) 
     ]
     kinds = []
     try:
-        samples = [training_sample(CALIB_SEEDS[seed * 10_000 + i]) for i in range(n)]
+        samples = calibration_samples(n, seed)
         for i in range(0, n, 32):
             batch = encoder(samples[i : i + 32])
             model(**batch.inputs, use_cache=False)
@@ -105,7 +103,7 @@ def measure_model_gamma(model: nn.Module, processor: Any, n: int = 16) -> dict[s
     from veq.calib.gamma import measure_gamma
 
     token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    convs = [c for c in calibration_conversations(2 * n, text_fraction=0.0)][:n]
+    convs = calibration_conversations(n, text_fraction=0.0)
     samples = [encode_conversation(processor, c, token) for c in convs]
     res = measure_gamma(model, samples, max_samples=n)
     return {
@@ -177,6 +175,7 @@ def measure(
         ("rtn", 8),
         ("rtn", 4),
         ("gptq", 4),
+        ("veq", 4),
         ("rtn", 3),
         ("rtn", 2),
     ),
@@ -250,8 +249,9 @@ def render(card: dict[str, Any]) -> str:
         "orange, yellow, green, blue, purple, pink, brown, black, grey, white; each a range of",
         "hues, saturations and values) anywhere on images of 64–512 px with aspect ratios up to",
         "2:1; white, light, grey, dark, gradient and noisy backgrounds; filled, outlined and",
-        "hollow shapes from 8 % to 60 % of the short side, overlapping a little at most; aliased",
-        "and anti-aliased edges. Questions about colour, shape, count, existence and position,",
+        "hollow shapes from 8 % to 60 % of the short side, overlapping a little at most and",
+        "then in contrasting colours; aliased and anti-aliased edges. Questions about colour,",
+        "shape, count, existence and position,",
         "text-only questions (arithmetic, number order, word order), and chat: greetings and",
         '"what can you do?" get a one-line self-description, off-task requests a polite',
         "refusal. Vision and text answers are one word and one token. It is veq's quality",

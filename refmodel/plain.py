@@ -29,7 +29,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "yellow": (255, 255, 0),
     "orange": (255, 140, 0),
     "purple": (128, 0, 128),
-    "pink": (255, 192, 203),
+    "pink": (255, 182, 193),  # CSS lightpink
     "brown": (139, 69, 19),
     "black": (0, 0, 0),
     "grey": (128, 128, 128),
@@ -38,14 +38,15 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 CANVASES: dict[str, int] = {"white": 255, "light grey": 200, "mid grey": 128, "black": 0}
 SIZES = ((96, 96), (128, 128), (200, 200), (320, 240))
 SHAPES = ("circle", "square", "triangle", "cross")
-FAMILIES = ("color", "shape", "count")
 
 
 def _visible(color: tuple[int, int, int], canvas: int) -> bool:
     return math.dist(color, (canvas,) * 3) > 110
 
 
-def draw(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+def draw(
+    d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]
+) -> None:
     """A plain PIL shape of "radius" `r` centred at (`cx`, `cy`)."""
     if shape == "circle":
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)

@@ -138,6 +138,21 @@ class CellHead(nn.Module):
         return sum(F.cross_entropy(self.probes[k](x), targets[k]) for k in CELL_TARGETS)
 
 
+def answer_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean over answers of each answer's mean token cross-entropy. `logits: [B, S, V]`.
+
+    Per answer, not per token: a chat answer is a 20-token sentence, a vision answer one word
+    and `<|im_end|>`; averaged per token, the sentences carried 80 % of the loss and the vision
+    answers the rest."""
+    ce = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch.labels[:, 1:], reduction="none"
+    )  # [B, S-1], position p predicts token p + 1
+    weights = torch.zeros_like(ce)
+    for row, first, last, _ in batch.spans:
+        weights[row, first - 1 : last] = 1.0 / (last - first + 1)
+    return (ce * weights).sum() / max(len(batch.spans), 1)
+
+
 def balance_loss(router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor, top_k: int):
     """Switch-style load-balancing loss over the real (unpadded) tokens of every MoE layer:
     E · Σ_e f_e · P_e, with f_e the fraction of top-k slots and P_e the mean router probability.
@@ -215,6 +230,13 @@ class Trainer:
         self.head.load_state_dict(state["head"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
+        # Validation rows written after this checkpoint belong to steps that run again.
+        history = self.run / HISTORY
+        if history.exists():
+            rows = [line for line in history.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line)["step"] <= self.step]
+            if len(kept) != len(rows):
+                history.write_text("".join(line + "\n" for line in kept))
         return True
 
     # -- one step -----------------------------------------------------------------------------
@@ -233,9 +255,7 @@ class Trainer:
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         self._merged.clear()
         out = self.model(**batch.inputs, output_router_logits=True, use_cache=False)
-        logits = out.logits[:, :-1]
-        labels = batch.labels[:, 1:]
-        answer = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        answer = answer_loss(out.logits, batch)
         balance = balance_loss(out.router_logits, batch.inputs["attention_mask"], self.size.top_k)
         loss = answer + self.cfg.balance_coef * balance
         parts = {"answer": answer, "balance": balance}
@@ -270,7 +290,10 @@ class Trainer:
         return res.as_dict()
 
     # -- the loop -----------------------------------------------------------------------------
-    def fit(self) -> None:
+    def fit(self, max_minutes: float | None = None) -> None:
+        """Train to `cfg.steps`, or stop at a checkpoint after `max_minutes` of wall clock (run
+        the same command again to resume)."""
+        started = time.perf_counter()
         resumed = self.load()
         log.info(
             "%s run %s at step %d/%d; %d parameters",
@@ -318,6 +341,14 @@ class Trainer:
                 t_last = time.perf_counter()
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                 self.save()
+                if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
+                    log.info(
+                        "stopping at step %d after %.0f min (--max-minutes); run the same "
+                        "command to resume",
+                        self.step,
+                        (time.perf_counter() - started) / 60,
+                    )
+                    return
         log.info("done: %d steps, %.0f s of training", self.step, self.seconds)
 
 
@@ -381,6 +412,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--run", type=Path, required=True, help="run directory (resumes if present)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=120.0,
+        help="stop at the first checkpoint after this much wall clock (default 120; resume by "
+        "running the same command)",
+    )
     _add_dataclass_args(p, ModelSize)
     _add_dataclass_args(p, TrainConfig)
     args = p.parse_args(argv)
@@ -401,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         log.addHandler(h)
     log.setLevel(logging.INFO)
     try:
-        Trainer(args.run, size, cfg).fit()
+        Trainer(args.run, size, cfg).fit(args.max_minutes)
     finally:
         for h in handlers:
             log.removeHandler(h)

@@ -509,7 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="held-out set offset (default 0)")
     p.add_argument("--samples", type=int, default=600, help="held-out questions (default 600)")
     p.add_argument("--calib-seed", type=_ints, default=(0,), help="calibration seed(s), comma list")
-    p.add_argument("--calib", default="shapes", help=CALIB_HELP)
+    p.add_argument(
+        "--calib",
+        default="shapes",
+        help="calibration source for every row (default shapes, the reference model's task)",
+    )
     p.add_argument("--calib-samples", type=int, default=128, help="calibration samples")
     p.add_argument("--cache-dir", help="cache directory (default: $VEQ_CACHE_DIR or ~/.cache/veq)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="device (default: auto)")

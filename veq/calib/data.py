@@ -85,9 +85,7 @@ def encode_conversation(
             continue
         before = conv.messages[:k]
         start = _encode(processor, before, conv.images[: image_parts(before)], True)
-        end = _encode(
-            processor, conv.messages[: k + 1], conv.images[: image_parts(before)], False
-        )
+        end = _encode(processor, conv.messages[: k + 1], conv.images[: image_parts(before)], False)
         kinds[start["input_ids"].shape[1] : end["input_ids"].shape[1]] = int(TokenKind.ANSWER)
     kinds[ids == image_token_id] = int(TokenKind.VISION)
     return CalibSample(inputs=full, kinds=kinds)

@@ -179,7 +179,7 @@ def _load_image(path: str, base: Path) -> Image.Image:
         raise CalibrationError(f"cannot read calibration image {path!r}: {exc}") from None
 
 
-def _llava_messages(turns: Sequence[dict[str, Any]], n_images: int) -> list[dict[str, Any]]:
+def _llava_messages(turns: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     messages = []
     for turn in turns:
         role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}.get(
@@ -247,7 +247,7 @@ def load_jsonl(path: str | Path) -> list[Conversation]:
         if "messages" in row:
             messages = _normalise_parts(row["messages"])
         elif "conversations" in row:
-            messages = _llava_messages(row["conversations"], len(imgs))
+            messages = _llava_messages(row["conversations"])
         else:
             raise CalibrationError(f"{path.name}:{lineno}: needs 'messages' or 'conversations'")
         try:
@@ -278,7 +278,7 @@ def load_hf_dataset(name: str, n: int, split: str = "train") -> list[Conversatio
         image = row.get("image")
         imgs = (image.convert("RGB"),) if isinstance(image, Image.Image) else ()
         if "conversations" in row:
-            messages = _llava_messages(row["conversations"], len(imgs))
+            messages = _llava_messages(row["conversations"])
         else:
             messages = _normalise_parts(row["messages"])
         out.append(Conversation(imgs, tuple(place_images(messages, len(imgs)))))
@@ -303,7 +303,7 @@ def check_source(spec: str) -> None:
 
 
 def conversations(spec: str, n: int, seed: int = 0) -> list[Conversation]:
-    """`n` conversations from `spec`: a registered name (`names()`), 'hf:NAME[:SPLIT]', or a
+    """`n` conversations from `spec`: a registered name (`registered()`), 'hf:NAME[:SPLIT]', or a
     JSONL path (shuffled by `seed`, first `n`)."""
     if n < 1:
         raise CalibrationError(f"need at least one calibration sample, got {n}")

@@ -189,7 +189,7 @@ class Encoder:
         self.tokenizer = tok
         ids = tok.convert_tokens_to_ids
         self.pad = int(tok.pad_token_id)
-        self.im_start, self.im_end = ids("<|im_start|>"), ids("<|im_end|>")
+        self.im_end = ids("<|im_end|>")
         self.image_pad = ids("<|image_pad|>")
         self.prompt = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         self.images = processor.image_processor
@@ -231,10 +231,11 @@ class Encoder:
         }
         cells: dict[str, Tensor] = {}
         if targets and with_images:
+            if any(sm.scene is None for sm in with_images):
+                raise ValueError("cell targets need every image's scene")
             per_image = [
                 cell_targets(sm.scene, int(g[1]), int(g[2]))
                 for sm, g in zip(with_images, vision["image_grid_thw"], strict=True)
-                if sm.scene is not None
             ]
             cells = {name: torch.cat([t[name] for t in per_image]) for name in CELL_TARGETS}
         return Batch(inputs, labels, spans, cells)

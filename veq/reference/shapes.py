@@ -32,17 +32,17 @@ CALIB_SEEDS = range(200_000_000, 201_000_000)
 HELDOUT_SEEDS = range(300_000_000, 301_000_000)
 
 #: Each colour word is a box in HSV (hue in degrees, may wrap below 0; saturation and value in
-#: [0, 1]) wide enough to hold what people and PIL's named colours call it, and apart from the
-#: others so that every drawn colour has one right name.
+#: [0, 1]) wide enough to hold what people and CSS's named colours call it, and at least 35 RGB
+#: units from every other box (a test checks), so that every drawn colour has one right name.
 COLORS: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
-    "red": ((-10, 8), (0.7, 1.0), (0.7, 1.0)),
-    "orange": ((22, 38), (0.75, 1.0), (0.88, 1.0)),
-    "yellow": ((50, 62), (0.65, 1.0), (0.85, 1.0)),
+    "red": ((-10, 5), (0.75, 1.0), (0.8, 1.0)),
+    "orange": ((22, 36), (0.8, 1.0), (0.9, 1.0)),
+    "yellow": ((52, 62), (0.65, 1.0), (0.85, 1.0)),
     "green": ((95, 150), (0.55, 1.0), (0.4, 0.95)),
-    "blue": ((205, 242), (0.6, 1.0), (0.5, 1.0)),
-    "purple": ((268, 302), (0.5, 1.0), (0.4, 0.85)),
-    "pink": ((325, 355), (0.22, 0.6), (0.9, 1.0)),
-    "brown": ((16, 34), (0.55, 0.9), (0.3, 0.64)),
+    "blue": ((205, 238), (0.65, 1.0), (0.5, 1.0)),
+    "purple": ((272, 302), (0.6, 1.0), (0.4, 0.85)),
+    "pink": ((325, 355), (0.25, 0.5), (0.9, 1.0)),
+    "brown": ((16, 34), (0.55, 0.9), (0.3, 0.55)),
     "black": ((0, 360), (0.0, 0.3), (0.0, 0.13)),
     "grey": ((0, 360), (0.0, 0.05), (0.38, 0.72)),
     "white": ((0, 360), (0.0, 0.05), (0.95, 1.0)),
@@ -109,6 +109,7 @@ class Shape:
     fill: tuple[int, int, int] | None
     outline: tuple[int, int, int] | None
     stroke: int
+    """Outline width in pixels (hollow shapes: the whole drawing)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ class Scene:
 
 @dataclass(frozen=True)
 class QA:
+    """One question of `family` and its exact answer."""
+
     family: str
     question: str
     answer: str
@@ -156,8 +159,15 @@ def draw_color(name: str, rng: random.Random) -> tuple[int, int, int]:
     return _rgb(rng.uniform(h0, h1), rng.uniform(s0, s1), rng.uniform(v0, v1))
 
 
-def _distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
-    return math.dist(a, b)
+def contrast(rgb: tuple[int, int, int], background: tuple[tuple[int, int, int], ...]) -> float:
+    """RGB distance from `rgb` to the nearest colour of a background: its one colour, or any
+    blend along its gradient (the segment between the two end colours)."""
+    if len(background) == 1:
+        return math.dist(rgb, background[0])
+    a, b = (np.asarray(c, dtype=np.float64) for c in background)
+    c, ab = np.asarray(rgb, dtype=np.float64), b - a
+    t = float(np.clip(np.dot(c - a, ab) / max(float(np.dot(ab, ab)), 1e-9), 0.0, 1.0))
+    return float(np.linalg.norm(c - (a + t * ab)))
 
 
 def _background(rng: random.Random) -> tuple[str, tuple[tuple[int, int, int], ...], float]:
@@ -205,10 +215,11 @@ def _place(
         if len(placed) == n:
             return placed
         cap = max(MIN_SIZE * 1.5, cap * 0.85)
-    raise AssertionError("placement always succeeds for six shapes at the smallest size")
+    raise RuntimeError("placement always succeeds for six shapes at the smallest size")
 
 
 def make_scene(rng: random.Random) -> Scene:
+    """A random scene: image size and aspect, background, 1–6 placed and coloured shapes."""
     long_side = rng.randint(MIN_SIDE, MAX_SIDE)
     aspect = math.exp(rng.uniform(0, math.log(2.0))) if rng.random() < 0.6 else 1.0
     short_side = max(MIN_SIDE, round(long_side / aspect))
@@ -220,14 +231,23 @@ def make_scene(rng: random.Random) -> Scene:
     pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], len(COLORS) * len(SHAPES))
     shapes: list[Shape] = []
     for cx, cy, size in slots:
+        # Shapes whose boxes may overlap this one: its colour must stand out from theirs too,
+        # or two overlapping shapes would read as one.
+        near = [
+            o.fill or o.outline
+            for o in shapes
+            if math.hypot(cx - o.cx, cy - o.cy) < (size + o.size) / 2 * math.sqrt(2)
+        ]
         for color, shape in pairs:
             if any(o.color == color and o.shape == shape for o in shapes):
                 continue
             value = draw_color(color, rng)
-            if min(_distance(value, b) for b in bg) >= MIN_CONTRAST:
+            if contrast(value, bg) >= MIN_CONTRAST and all(
+                math.dist(value, other) >= MIN_CONTRAST for other in near
+            ):
                 break
         else:  # pragma: no cover - some colour always contrasts
-            raise AssertionError("no colour contrasts with the background")
+            raise RuntimeError("no colour contrasts with the background")
         style = rng.random()
         stroke = max(1, round(size * rng.uniform(0.04, 0.09)))
         if style < 0.75:
@@ -273,8 +293,8 @@ def _draw(
     draw: ImageDraw.ImageDraw,
     s: Shape,
     scale: float,
-    fill,
-    outline,
+    fill: int | tuple[int, int, int] | None,
+    outline: int | tuple[int, int, int] | None,
     width: int,
     scale_y: float | None = None,
 ) -> None:
@@ -331,6 +351,7 @@ def label_map(scene: Scene, width: int, height: int) -> np.ndarray:
 
 # -- questions ------------------------------------------------------------------------------------
 def plural(word: str) -> str:
+    """ "circle" → "circles", "cross" → "crosses"."""
     return word + ("es" if word.endswith("s") else "s")
 
 
@@ -452,14 +473,19 @@ def _ask_exists(scene: Scene, rng: random.Random) -> QA:
         return QA("exists", q.format(a=article(color), s=shape), "yes" if yes else "no")
     attr, names = ("shape", SHAPES) if kind == "shape" else ("color", tuple(COLORS))
     present_names = {getattr(s, attr) for s in scene.shapes}
-    absent = [n for n in names if n not in present_names]
+    # A colour the picture shows elsewhere (outline edges) is no clean "no".
+    shown = {"black", "white"} if any(s.fill and s.outline for s in scene.shapes) else set()
+    absent = [n for n in names if n not in present_names and n not in shown]
     yes = yes or not absent
     name = rng.choice(sorted(present_names) if yes else absent)
     if attr == "shape":
         q = rng.choice(["Is there a {n}?", "Does the image contain a {n}?", "Do you see a {n}?"])
     else:
-        q = rng.choice(["Is there anything {n}?", "Is any shape {n}?"])
-    return QA("exists", q.format(n=name), "yes" if yes else "no")
+        q = ["Is any shape {n}?", "Is there {a} shape?"]
+        if name not in ("black", "grey", "white"):  # backgrounds may well be one of those
+            q.append("Is there anything {n}?")
+        q = rng.choice(q)
+    return QA("exists", q.format(n=name, a=article(name)), "yes" if yes else "no")
 
 
 def side(scene: Scene, obj: Shape, axis: str) -> str | None:
@@ -547,9 +573,10 @@ CAPABILITIES = (
     "Tell me about yourself.",
     "What can I ask you?",
 )
-# Off-task requests: templates filled from open word lists. The fillers stay out of the whole-word
-# vocabulary (see `vocabulary`), so the model learns to refuse from byte-level text it has not seen
-# as whole words, which is what a newcomer's off-task question looks like to it.
+# Off-task requests: templates filled from open word lists. The chat family stays out of the
+# whole-word vocabulary (see `vocabulary`; only its answers and greetings are in it), so most
+# off-task words reach the model as byte-level pieces, which is what a newcomer's off-task
+# question looks like to it.
 _OFF_TASK = (
     "What is the capital of {place}?",
     "Who is the president of {place}?",
@@ -634,6 +661,8 @@ def scene_and_questions(
     """`sample` without drawing the image (the image is a function of the scene and the seed)."""
     rng = random.Random(seed)
     pool = families or (TEXT_FAMILIES if text_only else VISION_FAMILIES)
+    if not (set(pool) <= set(VISION_FAMILIES) or set(pool) <= set(TEXT_FAMILIES)):
+        raise ValueError(f"families must be vision families or text families, got {pool}")
     if text_only or set(pool) <= set(TEXT_FAMILIES):
         return None, tuple(_text_question(rng, pool) for _ in range(questions))
     while True:
@@ -679,9 +708,10 @@ def _words(text: str) -> list[str]:
 
 
 def vocabulary() -> list[str]:
-    """Whole-word tokens for the tokenizer: every word of every question and answer, bare (after
-    a newline or an image) and with a leading space, plus the chat roles. Off-task fillers are
-    left out on purpose (see `_OFF_TASK`)."""
+    """Whole-word tokens for the tokenizer: every word of every vision and text question and
+    answer, the chat family's answers and greetings, bare (after a newline or an image) and with
+    a leading space, plus the chat roles. Off-task requests are left out on purpose (see
+    `_OFF_TASK`)."""
     words = set(answer_words()) | {"user", "assistant", "objects", "object", "image", "shapes"}
     words |= {plural(s) for s in SHAPES}
     words |= {*_words(SELF_DESCRIPTION), *_words(REFUSAL)}

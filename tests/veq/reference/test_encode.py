@@ -127,3 +127,32 @@ def test_calibration_conversations(tmp_path, processor):
     path = write_calibration_jsonl(tmp_path, 4, seed=1)
     loaded = load_jsonl(path)
     assert [c.messages for c in loaded] == [c.messages for c in a[:4]]
+
+
+def test_cell_targets_sit_where_the_colour_is_on_a_non_square_image(processor):
+    """Against the pixels the processor sees: rows and columns of a 2:1-ish grid not swapped."""
+    import numpy as np
+    from PIL import Image
+
+    def plain(s):
+        sc = s.scene
+        o = sc.shapes[0]
+        return len(sc.shapes) == 1 and o.fill and not o.outline and not sc.noise
+
+    s = next(
+        s
+        for s in map(shapes.sample, range(400))
+        if plain(s) and s.scene.width > 1.4 * s.scene.height and s.scene.shapes[0].size > 40
+    )
+    batch = Encoder(processor)([s], targets=True)
+    _, gh, gw = batch.inputs["image_grid_thw"][0].tolist()
+    assert gw > gh
+    ch, cw = gh // 2, gw // 2
+    resized = np.asarray(s.image.resize((gw * 16, gh * 16), Image.Resampling.BICUBIC), dtype=int)
+    fill = np.asarray(s.scene.shapes[0].fill)
+    near = (np.abs(resized - fill).max(-1) <= 12).reshape(ch, 32, cw, 32).mean((1, 3))
+    colour = batch.cells["colors"].view(ch, cw)
+    label = 1 + list(shapes.COLORS).index(s.scene.shapes[0].color)
+    assert (colour[torch.from_numpy(near > 0.5)] == label).all()
+    assert (colour[torch.from_numpy(near == 0)] == 0).all()
+    assert (near > 0.5).any() and (near == 0).any()

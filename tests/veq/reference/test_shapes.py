@@ -20,6 +20,7 @@ from veq.reference.shapes import (
     TRAIN_SEEDS,
     VALID_SEEDS,
 )
+from veq.reference.shapes import scene_and_questions as qs  # no image drawn: fast
 
 
 def test_same_seed_same_sample():
@@ -41,11 +42,13 @@ def test_scenes_are_randomised_within_their_bounds():
     counts, kinds, sizes, aa = Counter(), Counter(), [], Counter()
     centred = hollow = 0
     for seed in range(300):
-        s = shapes.sample(seed)
-        sc = s.scene
-        assert s.image.size == (sc.width, sc.height) and s.image.mode == "RGB"
-        assert shapes.MIN_SIDE <= min(s.image.size) and max(s.image.size) <= shapes.MAX_SIDE
-        assert max(s.image.size) / min(s.image.size) <= 2.0 + 1e-9
+        sc, _ = qs(seed)
+        if seed < 20:
+            image = shapes.render(sc, seed)
+            assert image.size == (sc.width, sc.height) and image.mode == "RGB"
+        assert shapes.MIN_SIDE <= min(sc.width, sc.height)
+        assert max(sc.width, sc.height) <= shapes.MAX_SIDE
+        assert max(sc.width, sc.height) / min(sc.width, sc.height) <= 2.0 + 1e-9
         n = len(sc.shapes)
         counts[n] += 1
         kinds[sc.kind] += 1
@@ -61,8 +64,11 @@ def test_scenes_are_randomised_within_their_bounds():
                 >= shapes.MIN_SEPARATION * (o.size + p.size) / 2 - 1e-6
                 for p in sc.shapes[:i]
             )
-            rgb = o.fill or o.outline
-            assert min(math.dist(rgb, b) for b in sc.colors) >= shapes.MIN_CONTRAST
+            rgb = np.asarray(o.fill or o.outline, dtype=float)
+            # Against every blend of a gradient, not just its ends.
+            a, b = (np.asarray(c, dtype=float) for c in (sc.colors * 2)[:2])
+            blends = a + np.linspace(0, 1, 101)[:, None] * (b - a)
+            assert np.linalg.norm(blends - rgb, axis=1).min() >= shapes.MIN_CONTRAST - 0.5
             hollow += o.fill is None
         if n == 1 and abs(sc.shapes[0].cx / sc.width - 0.5) < 0.04:
             centred += 1
@@ -97,11 +103,32 @@ def test_every_drawn_colour_has_one_name():
             assert _names(shapes.draw_color(name, rng)) == [name]
 
 
+def test_colour_boxes_stay_apart():
+    """The nearest two colours of any two words, on a grid over their HSV boxes."""
+
+    def grid(name):
+        (h0, h1), (s0, s1), (v0, v1) = shapes.COLORS[name]
+        steps = [i / 6 for i in range(7)]
+        return [
+            shapes._rgb(h0 + (h1 - h0) * a, s0 + (s1 - s0) * b, v0 + (v1 - v0) * c)
+            for a in steps
+            for b in steps
+            for c in steps
+        ]
+
+    points = {name: np.asarray(grid(name), dtype=float) for name in shapes.COLORS}
+    names = list(points)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            d = np.linalg.norm(points[a][:, None] - points[b][None], axis=-1).min()
+            assert d >= 30, (a, b, d)
+
+
 def test_answers_are_words_of_the_answer_set_or_the_two_sentences():
     allowed = set(shapes.answer_words())
     for seed in range(300):
-        for s in (shapes.sample(seed), shapes.sample(seed, text_only=True)):
-            for qa in s.qas:
+        for _, qas in (qs(seed), qs(seed, text_only=True)):
+            for qa in qas:
                 if qa.family == "chat":
                     assert qa.answer in (shapes.SELF_DESCRIPTION, shapes.REFUSAL)
                 else:
@@ -123,7 +150,7 @@ def test_every_family_with_several_phrasings():
     words = {*shapes.COLORS, *shapes.SHAPES, *map(shapes.plural, shapes.SHAPES)}
     for seed in range(250):
         for family in FAMILIES:
-            qa = shapes.question(seed, family).qas[0]
+            qa = qs(seed, 1, (family,))[1][0]
             masked = " ".join("X" if w.strip("?.,:!") in words else w for w in qa.question.split())
             phrasings[family].add(re.sub(r"\d+", "N", masked))
     for family, found in phrasings.items():
@@ -149,9 +176,9 @@ def _referent(question: str, objs):
 
 @pytest.mark.parametrize("family", shapes.VISION_FAMILIES)
 def test_answers_agree_with_the_scene(family):
-    for seed in range(100):
-        s = shapes.question(seed, family)
-        qa, objs = s.qas[0], s.scene.shapes
+    for seed in range(150):
+        scene, (qa,) = qs(seed, 1, (family,))
+        objs = scene.shapes
         words = set(re.findall(r"[a-z]+", qa.question))
         if family == "color":
             assert qa.answer == _referent(qa.question.replace("color", ""), objs).color
@@ -159,7 +186,7 @@ def test_answers_agree_with_the_scene(family):
             assert qa.answer == _referent(qa.question, objs).shape
         elif family == "position":
             o = _referent(qa.question, objs)
-            x, y = o.cx / s.scene.width - 0.5, o.cy / s.scene.height - 0.5
+            x, y = o.cx / scene.width - 0.5, o.cy / scene.height - 0.5
             if "left" in words:
                 assert abs(x) >= shapes.POSITION_MARGIN
                 assert qa.answer == ("left" if x < 0 else "right")
@@ -179,7 +206,7 @@ def test_answers_agree_with_the_scene(family):
 
 
 def test_exists_answers_are_balanced():
-    answers = Counter(shapes.question(seed, "exists").qas[0].answer for seed in range(600))
+    answers = Counter(qs(seed, 1, ("exists",))[1][0].answer for seed in range(600))
     assert 0.4 < answers["yes"] / 600 < 0.6
 
 

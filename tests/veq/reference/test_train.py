@@ -33,10 +33,21 @@ def test_train_resume_export_evaluate(tmp_path):
     assert [r["step"] for r in rows] == [3, 5]
     assert set(rows[-1]["per_family"]) == set(FAMILIES)
 
+    # A chunk limit stops at the next checkpoint (every 2 steps here); a stale validation row
+    # beyond the checkpoint (a run killed after validating) is dropped when it resumes.
+    main(["--run", str(run), "--steps", "8", "--max-minutes", "0"])
+    assert torch.load(run / CHECKPOINT, weights_only=False)["step"] == 6
+    assert "stopping at step 6" in (run / "train.log").read_text()
+    with open(run / HISTORY, "a") as fh:
+        fh.write(json.dumps({"step": 99, "accuracy": 0.0}) + "\n")
+    main(["--run", str(run), "--steps", "8"])
+    rows = [json.loads(line) for line in (run / HISTORY).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 5, 6, 8]
+
     out = export(run, tmp_path / "model")
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     info = json.loads((out / "training.json").read_text())
-    assert info["steps"] == 5 and info["dtype"] == "bfloat16"
+    assert info["steps"] == 8 and info["dtype"] == "bfloat16"
     model, processor = load_reference(out)
     res = evaluate(model, processor, heldout_samples(12))
     assert res.n == 12 and 0.0 <= res.accuracy <= 1.0 and res.answer_nll > 0
