@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import device_name, markdown_table, timeit, today, write_section  # noqa: E402
 
 from veq.algorithms import (  # noqa: E402
-    ExpertWeights,
     awq,
     gptq,
     ma_token_weights,
@@ -36,6 +35,7 @@ from veq.algorithms import (  # noqa: E402
     veq_me,
 )
 from veq.config import QuantConfig  # noqa: E402
+from veq.experts import ExpertWeights  # noqa: E402
 from veq.stats import HessianAccumulator  # noqa: E402
 from veq.testing import correlated_inputs, random_weight, two_populations  # noqa: E402
 from veq.tokens import TokenKind  # noqa: E402

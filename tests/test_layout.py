@@ -146,3 +146,20 @@ def test_wheel_ships_the_library_not_the_development_tools(tmp_path):
     assert "veq/reference/mini/model.safetensors" in names
     assert {"veq/reference/evaluate.py", "veq/reference/quality.py"} <= names
     assert not {n for n in names if n.endswith(("/train.py", "/card.py"))}
+
+
+def test_loading_a_checkpoint_imports_no_calibration_stack():
+    """`veq.load` (and a server that only serves) never imports the pipeline or a solver."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, veq.api, veq.checkpoint, veq.nn, server.loader\n"
+        "heavy = ('veq.calib.pipeline', 'veq.calib.methods', 'veq.calib.gamma', "
+        "'veq.algorithms', 'veq.stats')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == ""

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from veq.calib.data import CalibSample, encode_conversation, fingerprint
-from veq.calib.gamma import resolve_gamma
-from veq.calib.pipeline import Calibrator, QuantReport
+from veq.calib.report import QuantReport
 from veq.calib.sources import check_source, conversations
 from veq.checkpoint import REPORT, load_checkpoint, save_checkpoint, verify
 from veq.models import get_architecture, image_token_id, synthetic
@@ -269,6 +268,11 @@ def quantize(
             log.info("using cached checkpoint %s", target)
             return Quantized(target, json.loads((target / REPORT).read_text()), cached=True)
         log.warning("cache entry %s is incomplete or corrupt; rebuilding it", target.name)
+
+    # The calibration stack loads only here, on a cache miss: `veq.load` and a cache hit never
+    # import a solver.
+    from veq.calib.gamma import resolve_gamma
+    from veq.calib.pipeline import Calibrator
 
     if source is None:
         source = load_model(path, dev)

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from veq.calib.pipeline import QuantResult
+from veq.calib.report import QuantResult
 from veq.config import QuantConfig
 from veq.format import pack_weight, unpack_weight
 from veq.models import Architecture, get_architecture, get_module, set_module

@@ -42,7 +42,7 @@ def _ask(client: openai.OpenAI, question: str, img: Image.Image | None = None) -
     if img is not None:
         content.insert(0, {"type": "image_url", "image_url": {"url": _url(img)}})
     r = client.chat.completions.create(
-        model="mini", messages=[{"role": "user", "content": content}], max_tokens=40
+        model="mini", messages=[{"role": "user", "content": content}], max_tokens=64
     )
     return r.choices[0].message.content
 

@@ -15,7 +15,6 @@ from veq.algorithms.gptq import gptq
 from veq.algorithms.mbq import mbq, mbq_token_weights
 from veq.algorithms.rtn import rtn
 from veq.algorithms.veq import (
-    ExpertWeights,
     SharedScaleResult,
     awq_moe,
     expert_importance,
@@ -27,7 +26,6 @@ from veq.algorithms.veq import (
 
 __all__ = [
     "AWQResult",
-    "ExpertWeights",
     "SharedScaleResult",
     "awq",
     "awq_quantize",

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from veq.algorithms.awq import awq_quantize, search_scale, weighted_mse
 from veq.algorithms.gptq import gptq
 from veq.config import QuantConfig
+from veq.experts import ExpertWeights
 from veq.quantizer import QuantizedWeight, fake_quantize
 from veq.stats import ActivationStats, HessianAccumulator
 
@@ -66,24 +66,6 @@ def veq_ma(
     acc = HessianAccumulator(weight.shape[1], dtype=torch.float64, device=x.device)
     acc.add(x, ma_token_weights(is_text, gamma, router_prob, lam))
     return gptq(weight, acc.hessian(), cfg, act_order=act_order)
-
-
-@dataclass(frozen=True)
-class ExpertWeights:
-    """One SwiGLU expert: `down(silu(gate x) * up x)`.
-
-    gate, up: [I, H]; down: [H, I].
-    """
-
-    gate: Tensor
-    up: Tensor
-    down: Tensor
-
-    def forward(self, x: Tensor, gate: Tensor | None = None, up: Tensor | None = None) -> Tensor:
-        """`x: [T, H]` → `[T, H]`, optionally with replacement gate/up weights."""
-        g = self.gate if gate is None else gate
-        u = self.up if up is None else up
-        return (F.silu(x @ g.T) * (x @ u.T)) @ self.down.T
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,15 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from veq.algorithms import (
-    ExpertWeights,
-    awq_scales,
-    expert_importance,
-    shared_scale_search,
-)
+from veq.algorithms import awq_scales, expert_importance, shared_scale_search
 from veq.calib.data import CalibSample
 from veq.calib.methods import Statistics, Tokens, method_for
+from veq.calib.report import QuantReport, QuantResult
 from veq.config import QuantConfig
+from veq.experts import ExpertWeights
 from veq.format import packed_nbytes
 from veq.models import (
     Architecture,
@@ -52,61 +49,6 @@ from veq.stats import ActivationStats, HessianAccumulator
 from veq.tokens import TokenKind
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class QuantReport:
-    """What a calibration run did, for the CLI summary, the checkpoint and the server."""
-
-    method: str
-    recipe: dict[str, Any]
-    gamma: float
-    gamma_source: str
-    beta: float
-    bits: dict[str, int] = field(default_factory=dict)
-    fallback_experts: list[dict[str, int]] = field(default_factory=list)
-    bytes_16bit: int = 0
-    bytes_quantized: int = 0
-    seconds: float = 0.0
-    samples: int = 0
-    tokens: int = 0
-    layers: int = 0
-    gamma_detail: dict[str, Any] = field(default_factory=dict)
-    calib: str = ""
-    """The calibration source (`veq.calib.sources` spec), or "" when data-free."""
-
-    def summary(self) -> str:
-        by_bits: dict[int, int] = {}
-        for b in self.bits.values():
-            by_bits[b] = by_bits.get(b, 0) + 1
-        lines = [
-            f"method {self.method}: {self.layers} layers, {self.samples} samples"
-            + (f" of {self.calib}" if self.calib else "")
-            + f", {self.tokens} tokens, {self.seconds:.1f} s",
-            "modules by bits: " + ", ".join(f"{n}×W{b}" for b, n in sorted(by_bits.items())),
-            f"weights: {self.bytes_16bit / 2**20:.2f} MiB (16-bit) -> "
-            f"{self.bytes_quantized / 2**20:.2f} MiB packed "
-            f"({self.bytes_16bit / max(self.bytes_quantized, 1):.2f}x smaller)",
-            f"gamma {self.gamma:.3g} ({self.gamma_source}), beta {self.beta:.3g}",
-        ]
-        if self.fallback_experts:
-            few = ", ".join(
-                f"L{f['layer']}E{f['expert']}({f['tokens']})" for f in self.fallback_experts[:12]
-            )
-            more = len(self.fallback_experts) - 12
-            lines.append(
-                f"{len(self.fallback_experts)} experts with too few tokens used the all-token "
-                f"fallback: {few}" + (f" and {more} more" if more > 0 else "")
-            )
-        return "\n".join(lines)
-
-
-@dataclass
-class QuantResult:
-    """Quantized weights by full module name (experts unfused), and the report."""
-
-    weights: dict[str, QuantizedWeight]
-    report: QuantReport
 
 
 class _Stop(Exception):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from veq.algorithms import ExpertWeights
+from veq.experts import ExpertWeights
 
 #: (router module, hidden [T, H]) -> (probs [T, E] fp32, topk_idx [T, A], topk_weights [T, A])
 RoutingFn = Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tensor]]

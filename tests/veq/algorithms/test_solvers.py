@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from veq.algorithms import (
-    ExpertWeights,
     awq,
     awq_moe,
     gptq,
@@ -21,6 +20,7 @@ from veq.algorithms import (
     veq_me,
 )
 from veq.config import QuantConfig
+from veq.experts import ExpertWeights
 from veq.format import pack_weight, unpack_weight
 from veq.stats import HessianAccumulator
 from veq.testing import two_populations
