@@ -467,7 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AVG_BITS",
         help="expert-importance bit allocation with this average over experts (e.g. 3 or 2.5)",
     )
-    p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    p.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="GPTQ-family act-order with static groups (gptq, veq-ma, veq; default on)",
+    )
     p.add_argument(
         "--lam",
         type=float,

@@ -39,7 +39,11 @@ class Recipe(BaseModel):
         20.0, gt=0, description="γ used when 'auto' cannot run a backward pass on this machine."
     )
     lam: float = Field(1.0, ge=0, description="VEQ-MA's exponent λ on router probabilities.")
-    act_order: bool = Field(False, description="GPTQ column order by Hessian diagonal.")
+    act_order: bool = Field(
+        True,
+        description="GPTQ-family column order by decreasing Hessian diagonal, with static groups "
+        "(scales fixed before error feedback, so kernels need no g_idx); llm-compressor's default.",
+    )
     damp: float = Field(0.01, gt=0, description="GPTQ relative damping.")
     min_expert_tokens: int = Field(
         16, ge=1, description="Experts routed fewer calibration tokens use the all-token fallback."
