@@ -84,6 +84,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[list[str]]:
                 f"{worst} {100 * worst_acc:.1f}",
                 f"{statistics.fmean(r['answer_nll'] for r in rs):.4f}",
                 _spread([r["kl"] for r in rs], 1, 4),
+                _spread([r["top1_agreement"] for r in rs], 100),
+                f"{statistics.fmean(r['flips_lost'] for r in rs):.1f} / "
+                f"{statistics.fmean(r['flips_gained'] for r in rs):.1f}",
                 f"{rs[0]['weight_bytes'] / 2**20:.3f}",
             ]
         )
@@ -144,7 +147,7 @@ def main() -> None:
     rows.insert(0, base)
 
     header = ["method", "bits", "group", "seeds", "accuracy %", "worst family %", "answer NLL"]
-    header += ["KL to 16-bit", "quantized MiB"]
+    header += ["KL to 16-bit", "same top-1 %", "flips lost / gained", "quantized MiB"]
     table = markdown_table(header, summarize(rows))
     print(table)
     fam = ", ".join(f"{k} {100 * v:.1f}" for k, v in base["per_family"].items())

@@ -22,6 +22,9 @@ KEYS = {
     "answer_nll",
     "kl",
     "weight_bytes",
+    "top1_agreement",
+    "flips_lost",
+    "flips_gained",
 }
 
 
@@ -77,6 +80,7 @@ def test_eval_writes_consistent_rows(tmp_path, capsys):
     assert all(KEYS <= set(r) for r in rows)
     base, *quant = rows
     assert base["kl"] == 0 and base["group_size"] is None
+    assert base["top1_agreement"] == 1.0 and base["flips_lost"] == base["flips_gained"] == 0
     # The 16-bit row is the model card's evaluation of the same held-out questions.
     model, processor = load_reference(MINI_DIR)
     expected = evaluate(model, processor, heldout_samples(48, 300_000_007))
@@ -85,12 +89,17 @@ def test_eval_writes_consistent_rows(tmp_path, capsys):
     for r in quant:
         assert r["group_size"] == 128 and r["kl"] > 0
         assert set(r["per_family"]) == set(base["per_family"])
+        # Flips account for every change of accuracy, question by question.
+        n = 48
+        assert round(n * (r["accuracy"] - base["accuracy"])) == r["flips_gained"] - r["flips_lost"]
+        assert 0 < r["top1_agreement"] <= 1
     w = {(r["method"], r["bits"]): r["weight_bytes"] for r in rows}
     # Packed codes plus fp16 scales and int zero points per 128 columns: a bit under 16/b ×.
     assert 1.8 < w["none", 16] / w["rtn", 8] < 2.0
     assert 6.0 < w["none", 16] / w["rtn", 2] < 8.0 and w["gptq", 2] == w["rtn", 2]
     # 8-bit rounding barely moves the answer distribution; 2-bit moves it by far more.
     assert quant[1]["kl"] > 10 * quant[0]["kl"]
+    assert quant[1]["top1_agreement"] < quant[0]["top1_agreement"]
 
 
 def _exit_code(argv: list[str]) -> int:

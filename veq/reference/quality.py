@@ -4,8 +4,10 @@ Owns comparing methods × bit-widths on a ShapesVQA model: each setting is quant
 `veq.api.quantize` (the same pipeline and cache as `veq quantize`), loaded, and scored on one
 held-out set against the 16-bit model, which is always the first row. Per row: exact-match
 accuracy overall and per family, mean answer NLL, KL(16-bit ‖ quantized) over answer positions
-(`Σ_v p₁₆(v) (log p₁₆(v) − log p_q(v))`, averaged over positions, in nats), and the bytes of the
-linears the recipe quantizes (packed codes + scales + zero points; 16-bit for the base row).
+(`Σ_v p₁₆(v) (log p₁₆(v) − log p_q(v))`, averaged over positions, in nats), the same-top-1
+rate against the 16-bit model over answer positions, flips (questions whose correctness changed,
+each way), and the bytes of the linears the recipe quantizes (packed codes + scales + zero
+points; 16-bit for the base row).
 
 The held-out set is drawn from `HELDOUT_SEEDS` at an offset (`seed`), so it never overlaps the
 training, validation or calibration seed ranges.
@@ -68,6 +70,12 @@ class QualityRow:
     answer_nll: float
     kl: float
     weight_bytes: int
+    top1_agreement: float = 1.0
+    """Share of answer positions whose argmax token equals the 16-bit model's."""
+    flips_lost: int = 0
+    """Questions the 16-bit model answers right and this one wrong."""
+    flips_gained: int = 0
+    """Questions the 16-bit model answers wrong and this one right."""
     mixed_precision: bool = False
     calib_seed: int | None = None
     seconds: float = 0.0
@@ -138,12 +146,11 @@ class QualityRun:
         self, setting: Setting | None, scores: list[AnswerScores], weight_bytes: int, **extra: Any
     ) -> QualityRow:
         result = summarize(scores)
-        kl = torch.cat(
-            [
-                kl_divergence(b.logprobs, s.logprobs)
-                for b, s in zip(self.base_scores, scores, strict=True)
-            ]
-        )
+        pairs = list(zip(self.base_scores, scores, strict=True))
+        kl = torch.cat([kl_divergence(b.logprobs, s.logprobs) for b, s in pairs])
+        same = torch.cat([b.logprobs.argmax(-1) == s.logprobs.argmax(-1) for b, s in pairs])
+        was = torch.cat([b.correct for b, _ in pairs])
+        now = torch.cat([s.correct for _, s in pairs])
         return QualityRow(
             method=setting.method if setting else "none",
             bits=setting.bits if setting else 16,
@@ -153,6 +160,9 @@ class QualityRun:
             answer_nll=result.answer_nll,
             kl=float(kl.mean()),
             weight_bytes=weight_bytes,
+            top1_agreement=float(same.float().mean()),
+            flips_lost=int((was & ~now).sum()),
+            flips_gained=int((~was & now).sum()),
             mixed_precision=bool(setting and setting.mixed_precision),
             **extra,
         )
@@ -212,7 +222,8 @@ def run_quality(
 def quality_table(rows: Sequence[QualityRow]) -> str:
     """A fixed-width text table of `rows`: accuracies in %, NLL and KL in nats, MiB."""
     families = [f for f in FAMILIES if any(f in r.per_family for r in rows)]
-    head = ["method", "bits", "group", "calib", "acc%", *families, "nll", "kl", "MiB"]
+    head = ["method", "bits", "group", "calib", "acc%", *families, "nll", "kl", "top1%", "lost"]
+    head += ["gained", "MiB"]
     lines = []
     for r in rows:
         bits = f"mp{r.bits:g}" if r.mixed_precision else f"{r.bits:g}"
@@ -226,6 +237,9 @@ def quality_table(rows: Sequence[QualityRow]) -> str:
                 *(f"{100 * r.per_family[f]:.1f}" if f in r.per_family else "-" for f in families),
                 f"{r.answer_nll:.4f}",
                 f"{r.kl:.4f}",
+                f"{100 * r.top1_agreement:.1f}",
+                str(r.flips_lost),
+                str(r.flips_gained),
                 f"{r.weight_bytes / 2**20:.3f}",
             ]
         )
