@@ -350,35 +350,8 @@ def render(card: dict[str, Any]) -> str:
             f"{r['answer_nll']:.4f} | {_pct(r['plain']['accuracy'])} | "
             f"{_pct(kept[0])} % / {_pct(kept[1])} % |"
         )
-    lines += [
-        "",
-        "Per family, held-out set (exact match %):",
-        "",
-        "| method | bits | " + " | ".join(FAMILIES) + " |",
-        "|---|---|" + "---|" * len(FAMILIES),
-        "| none | 16 | " + " | ".join(_pct(h["per_family"][f]) for f in FAMILIES) + " |",
-    ]
-    for r in card["sensitivity"]:
-        lines.append(
-            f"| {r['method']} | {r['bits']} | "
-            + " | ".join(_pct(r["per_family"][f]) for f in FAMILIES)
-            + " |"
-        )
-    plain_families = list(p["per_family"])
-    lines += [
-        "",
-        "Per family, plain drawings (exact match %):",
-        "",
-        "| method | bits | " + " | ".join(plain_families) + " |",
-        "|---|---|" + "---|" * len(plain_families),
-        "| none | 16 | " + " | ".join(_pct(p["per_family"][f]) for f in plain_families) + " |",
-    ]
-    for r in card["sensitivity"]:
-        lines.append(
-            f"| {r['method']} | {r['bits']} | "
-            + " | ".join(_pct(r["plain"]["per_family"][f]) for f in plain_families)
-            + " |"
-        )
+    lines += _family_table("held-out set", h, [(r, r) for r in card["sensitivity"]])
+    lines += _family_table("plain drawings", p, [(r, r["plain"]) for r in card["sensitivity"]])
     lines += [
         "",
         "## Routing by modality",
@@ -439,6 +412,25 @@ def render(card: dict[str, Any]) -> str:
 
 #: veq's sensitivity target for the reference (issue 4): minimum accuracy drop in points.
 SENSITIVITY_TARGET = {("rtn", 3): 3.0, ("rtn", 2): 15.0}
+
+
+def _family_table(
+    title: str, base: dict[str, Any], rows: Sequence[tuple[dict[str, Any], dict[str, Any]]]
+) -> list[str]:
+    """Per-family exact match of the 16-bit `base` result and of each (setting, result) row."""
+    families = list(base["per_family"])
+    lines = [
+        "",
+        f"Per family, {title} (exact match %):",
+        "",
+        "| method | bits | " + " | ".join(families) + " |",
+        "|---|---|" + "---|" * len(families),
+        "| none | 16 | " + " | ".join(_pct(base["per_family"][f]) for f in families) + " |",
+    ]
+    for setting, result in rows:
+        cells = " | ".join(_pct(result["per_family"][f]) for f in families)
+        lines.append(f"| {setting['method']} | {setting['bits']} | {cells} |")
+    return lines
 
 
 def _sensitivity_verdict(card: dict[str, Any]) -> list[str]:

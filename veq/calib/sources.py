@@ -290,7 +290,8 @@ def _require_file(path: str | Path) -> Path:
     if not path.is_file():
         known = ", ".join(sorted(_REGISTRY))
         raise CalibrationError(
-            f"calibration source {str(path)!r} is not a file, 'hf:NAME' or a known name ({known})"
+            f"calibration source {str(path)!r} does not exist (not a file, 'hf:NAME' or a known "
+            f"name: {known})"
         )
     return path
 

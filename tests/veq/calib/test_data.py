@@ -149,7 +149,7 @@ def test_jsonl_errors_are_clear(tmp_path, content, message):
 
 
 def test_spec_errors(tmp_path):
-    known = r"not a file, 'hf:NAME' or a known name \(.*builtin"
+    known = r"does not exist \(not a file, 'hf:NAME' or a known name: .*builtin"
     with pytest.raises(CalibrationError, match=known):
         conversations(str(tmp_path / "nope.jsonl"), 4)
     with pytest.raises(CalibrationError, match="at least one"):
