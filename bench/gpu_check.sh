@@ -13,6 +13,8 @@
 #   3. pytest -m gpu tests/kernels: the kernels at Qwen3-VL-30B-A3B shapes, fp16 and bf16
 #   4. veq quantize --model mini with the defaults on CUDA (method veq, W4, gamma auto)
 #   5. one served answer from the bundled model on CUDA (bench/gpu_answer.py, from step 4's cache)
+#   6. where vllm is importable: `vllm serve` of a W4 and a symmetric W8 checkpoint of the
+#      bundled model, one chat each (bench/gpu_vllm.py; README's portability table)
 # BENCHMARKS.md (with the sections the steps rewrote) is copied to $OUT for committing here.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -54,8 +56,13 @@ if server_stack; then
   step quantize 120 "$PY" -m server.cli quantize --model mini --device cuda --cache-dir "$CACHE"
   step answer 90 "$PY" bench/gpu_answer.py --device cuda --cache-dir "$CACHE" \
     --out "$OUT/answer.json" --log "$OUT/answer-serve.log"
+  if "$PY" -c 'import vllm' 2> /dev/null; then
+    step vllm 300 "$PY" bench/gpu_vllm.py --cache-dir "$CACHE" --out "$OUT/vllm.json"
+  else
+    echo "vllm: skipped (vllm not installed)" | tee -a "$SUMMARY"
+  fi
 else
-  echo "pytest, quantize, answer: skipped (no server stack)" | tee -a "$SUMMARY"
+  echo "pytest, quantize, answer, vllm: skipped (no server stack)" | tee -a "$SUMMARY"
   failed=1
 fi
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"

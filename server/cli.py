@@ -50,6 +50,32 @@ def _add_recipe(p: argparse.ArgumentParser, bits_help: str) -> None:
         "--group-size", type=_group_size, default=128, help="32, 64, 128 or 'channel' (default 128)"
     )
     p.add_argument("--calib", default=None, help=CALIB_HELP)
+    _add_symmetry(p)
+
+
+def _add_symmetry(p: argparse.ArgumentParser) -> None:
+    codes = p.add_mutually_exclusive_group()
+    codes.add_argument(
+        "--symmetric",
+        dest="symmetric",
+        action="store_const",
+        const=True,
+        default=None,
+        help=f"symmetric codes, no zero points (default at {_default_widths(True)} bits)",
+    )
+    codes.add_argument(
+        "--asymmetric",
+        dest="symmetric",
+        action="store_const",
+        const=False,
+        help=f"a zero point per group (default at {_default_widths(False)} bits)",
+    )
+
+
+def _default_widths(symmetric: bool) -> str:
+    from veq.recipe import DEFAULT_SYMMETRIC
+
+    return ", ".join(str(b) for b, sym in DEFAULT_SYMMETRIC.items() if sym == symmetric) or "no"
 
 
 def _gamma(text: str) -> float | str:
@@ -87,6 +113,7 @@ def _quantize(args: argparse.Namespace) -> int:
             mixed_precision=args.mixed_precision,
             act_order=args.act_order,
             lam=args.lam,
+            symmetric=args.symmetric,
             out=args.out,
             cache_dir=args.cache_dir,
             device=args.device,
@@ -147,7 +174,9 @@ def _eval(args: argparse.Namespace) -> int:
     from veq.reference.quality import quality_table, run_quality, settings_grid
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    settings = settings_grid(args.methods, args.bits, args.group_size, args.mixed_precision)
+    settings = settings_grid(
+        args.methods, args.bits, args.group_size, args.mixed_precision, symmetric=args.symmetric
+    )
     try:
         rows = run_quality(
             args.model,
@@ -201,16 +230,30 @@ def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from veq.checkpoint import atomic_directory, verify
+    from veq.portability import TARGETS, Scheme, why_not
 
     src, out = Path(args.model), Path(args.out)
     if not src.is_dir() or not verify(src):
         raise CLIError(f"{args.model} is not a complete veq checkpoint (manifest check failed)")
     if out.exists() and any(out.iterdir()):
         raise CLIError(f"{args.out} exists and is not empty")
+    try:
+        scheme = Scheme.from_directory(src)
+    except (ValueError, KeyError, OSError) as exc:
+        raise CLIError(f"{args.model}: unreadable quantization_config ({exc})") from None
+    target = args.target
+    if target is not None:
+        reason = why_not(target, scheme)
+        if reason is not None:
+            raise CLIError(
+                f"{TARGETS[target]} cannot load this {scheme.label} checkpoint: {reason}"
+            )
     # Our checkpoints *are* compressed-tensors directories: export is a verified copy.
     with atomic_directory(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-    print(f"wrote {out} (compressed-tensors pack-quantized)")
+    print(f"wrote {out} (compressed-tensors pack-quantized, {scheme.label})")
+    if target == "vllm" and why_not("vllm-old", scheme) is not None:
+        print(f"note: {TARGETS['vllm']} needed ({why_not('vllm-old', scheme)})")
     return 0
 
 
@@ -488,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="copy a quantized checkpoint out in a serving format")
     p.add_argument("--model", required=True, help="quantized checkpoint directory (or cache entry)")
     p.add_argument("--format", choices=("compressed-tensors",), default="compressed-tensors")
+    p.add_argument(
+        "--for",
+        dest="target",
+        choices=("vllm", "sglang"),
+        help="refuse, with the reason, a checkpoint this server cannot load",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(run=_export)
 
@@ -511,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AVG[,AVG]",
         help="also run every method with expert mixed precision at these average bits",
     )
+    _add_symmetry(p)
     p.add_argument("--seed", type=int, default=0, help="held-out set offset (default 0)")
     p.add_argument("--samples", type=int, default=600, help="held-out questions (default 600)")
     p.add_argument("--calib-seed", type=_ints, default=(0,), help="calibration seed(s), comma list")

@@ -12,6 +12,7 @@ from typing import Any
 import veq
 from server.engine.runner import ModelInfo, ModelRunner, weight_bytes
 from veq.api import load_model, load_processor, resolve_device, resolve_model
+from veq.recipe import Recipe
 
 
 def build_runner(
@@ -21,12 +22,14 @@ def build_runner(
     progress: bool = True,
 ) -> ModelRunner:
     """`settings` carries model, method, bits, group_size, calib, samples, gamma, cache_dir,
-    device and served_model_name; `overrides` replaces method/bits/group_size/calib."""
+    symmetric, device and served_model_name; `overrides` replaces method/bits/group_size/calib/
+    symmetric."""
     o = overrides or {}
     method = o.get("method") or settings.method
     bits = int(o.get("bits") or settings.bits)
     group_size = o["group_size"] if "group_size" in o else settings.group_size
     calib = o.get("calib") or settings.calib
+    symmetric = o["symmetric"] if "symmetric" in o else settings.symmetric
     path = resolve_model(settings.model)
     device = resolve_device(None if settings.device == "auto" else settings.device)
     name = settings.served_model_name or ("mini" if str(settings.model) == "mini" else path.name)
@@ -46,6 +49,7 @@ def build_runner(
         calib=calib,
         samples=settings.samples,
         gamma=gamma,
+        symmetric=symmetric,
         cache_dir=settings.cache_dir,
         device=device,
         progress=progress,
@@ -54,5 +58,15 @@ def build_runner(
     if on_layer is not None and result.cached:
         on_layer(1, 1)
     model, processor = veq.load(result.path, device=device)
-    info = ModelInfo(name, method, bits, group_size, weight_bytes(model), str(result.path))
+    recipe = Recipe.model_validate(result.report["recipe"])
+    info = ModelInfo(
+        name,
+        method,
+        bits,
+        group_size,
+        weight_bytes(model),
+        str(result.path),
+        symmetric=recipe.symmetric_for(bits),
+        label=recipe.label,
+    )
     return ModelRunner(model, processor, info)

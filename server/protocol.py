@@ -351,6 +351,9 @@ class QuantizationInfo(_Response):
     method: Method | None = Field(description="Quantization method; null when unquantized.")
     bits: int = Field(description="Weight bits; 16 means unquantized.")
     group_size: int | None = Field(description="Input features per scale; null: per channel.")
+    symmetric: bool | None = Field(
+        None, description="Symmetric codes (no zero points); null when unquantized."
+    )
     weight_bytes: int = Field(ge=0, description="Bytes of weights resident on the device.")
     label: str | None = Field(None, description="Short name of the recipe, e.g. veq-w4g128.")
 
@@ -384,6 +387,11 @@ class RequantizeRequest(BaseModel):
     )
     calib: str | None = Field(
         None, min_length=1, description="Calibration data (default: current)."
+    )
+    symmetric: bool | None = Field(
+        None,
+        description="Symmetric codes (true) or a zero point per group (false); null: the "
+        "serving setting (--symmetric / --asymmetric, else the width's default).",
     )
 
     @field_validator("bits")

@@ -61,6 +61,11 @@ class ServeSettings(BaseSettings):
     group_size: int | None = Field(
         128, description="Input features per scale: 32, 64, 128, or 'channel' (one per row)."
     )
+    symmetric: bool | None = Field(
+        None,
+        description="Symmetric codes (--symmetric) or a zero point per group (--asymmetric); "
+        "default: symmetric at 8 bits, asymmetric below.",
+    )
     calib: str | None = Field(
         None,
         min_length=1,
@@ -331,6 +336,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             shown = ",".join(default) or "empty"
         help_text = f"{info.description} [env {env_name(name)}; default {shown}]"
         help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
+        if name == "symmetric":
+            codes = parser.add_mutually_exclusive_group()
+            for flag, value in (("--symmetric", True), ("--asymmetric", False)):
+                codes.add_argument(
+                    flag,
+                    dest=name,
+                    action="store_const",
+                    const=value,
+                    default=argparse.SUPPRESS,
+                    help=help_text if value else "a zero point per group (see --symmetric)",
+                )
+            continue
         if info.annotation is bool:
             parser.add_argument(
                 flag_name(name),

@@ -29,7 +29,7 @@ from veq.calib.data import CalibSample, encode_conversation, fingerprint
 from veq.calib.report import QuantReport
 from veq.calib.sources import check_source, conversations
 from veq.checkpoint import REPORT, load_checkpoint, save_checkpoint, verify
-from veq.models import get_architecture, image_token_id, synthetic
+from veq.models import get_architecture, image_token_id, source_dtype, synthetic
 from veq.recipe import Recipe
 from veq.reference import MINI_CALIB, MINI_DIR
 
@@ -137,14 +137,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_processor(path: str | Path) -> Any:
-    """The model's processor. Qwen3-VL processors load without torchvision through veq's
-    image-only subclass (the class our own checkpoints record)."""
+    """The model's processor. Qwen3-VL processors load through veq's image-only subclass,
+    with or without torchvision, so images are preprocessed the same way on every host."""
     from transformers import AutoProcessor
 
     from veq.models.processor import ImageOnlyQwen3VLProcessor
 
     config = Path(path) / "processor_config.json"
-    if config.is_file() and "ImageOnlyQwen3VLProcessor" in config.read_text():
+    qwen3_vl = ("ImageOnlyQwen3VLProcessor", '"Qwen3VLProcessor"')
+    if config.is_file() and any(name in config.read_text() for name in qwen3_vl):
         return ImageOnlyQwen3VLProcessor.from_pretrained(str(path))
     try:
         processor = AutoProcessor.from_pretrained(str(path))
@@ -233,6 +234,11 @@ def quantize(
 
         source, model_fp = None, model_fingerprint(path)
         config = AutoConfig.from_pretrained(str(path))
+    dtype = source_dtype(config)
+    if "scale_dtype" not in recipe_options:
+        recipe = recipe.model_copy(
+            update={"scale_dtype": "bfloat16" if dtype == torch.bfloat16 else "float16"}
+        )
     probe = SimpleNamespace(config=config)  # the tables read the config only
     arch = get_architecture(probe)
     token = image_token_id(probe, arch)
@@ -306,7 +312,14 @@ def quantize(
     )
     t0 = time.perf_counter()
     save_checkpoint(
-        source, result, target, processor=processor, calib_fingerprint=calib_fp, device=dev
+        source,
+        result,
+        target,
+        processor=processor,
+        calib_fingerprint=calib_fp,
+        device=dev,
+        dtype=dtype,
+        source_dir=path if loaded_here and path.is_dir() else None,
     )
     log.info("checkpoint written to %s in %.1f s", target.name, _since(t0))
     if loaded_here:

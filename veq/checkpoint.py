@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from veq.calib.report import QuantResult
 from veq.config import QuantConfig
 from veq.format import pack_weight, unpack_weight
-from veq.models import Architecture, get_architecture, get_module, set_module
+from veq.models import Architecture, get_architecture, get_module, set_module, source_dtype
 from veq.quantizer import QuantizedWeight
 
 FORMAT_VERSION = 1
@@ -43,8 +43,36 @@ REPORT = "veq_report.json"
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 
+#: Files of the source model directory a quantized copy carries unchanged: what vLLM, SGLang
+#: and transformers read besides weights and config (sampling defaults and EOS ids, processor,
+#: tokenizer, chat template) and the remote code `auto_map` names (Kimi-VL).
+SOURCE_FILES = (
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template*",
+    "*.py",
+)
+
+
 class CheckpointError(ValueError):
     pass
+
+
+def _set_dtype(config: dict[str, Any], dtype: torch.dtype) -> None:
+    """Record `dtype` wherever the config names one (top level, text and vision configs)."""
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    for sub in config.values():
+        if isinstance(sub, dict) and ("dtype" in sub or "torch_dtype" in sub):
+            sub["dtype" if "dtype" in sub else "torch_dtype"] = name
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -115,10 +143,10 @@ def quantization_config(
 
 
 def _state_without_quantized(
-    model: nn.Module, arch: Architecture, names: set[str]
+    model: nn.Module, arch: Architecture, names: set[str], dtype: torch.dtype
 ) -> dict[str, Tensor]:
-    """Full-precision tensors to keep: everything except the quantized weights (and fused
-    expert tensors, which are written unfused)."""
+    """Full-precision tensors to keep, floating ones in `dtype`: everything except the quantized
+    weights (and fused expert tensors, which are written unfused)."""
     fused_expert_params: set[str] = set()
     if arch.moe.layout == "fused":
         for name, module in model.named_modules():
@@ -141,7 +169,10 @@ def _state_without_quantized(
         if ident in seen and tensor.numel() > 1:
             continue
         seen.add(ident)
-        state[key] = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach()
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor.cpu().contiguous()
     return state
 
 
@@ -197,6 +228,15 @@ def verify(directory: str | Path) -> bool:
     return True
 
 
+def _publish_modes(directory: Path) -> None:
+    """The modes a plain `mkdir`/`open` would give (mkdtemp and some writers use 0700/0600),
+    so a server running as another user (a container's) can read the directory."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success it replaces `final` in one rename.
@@ -205,12 +245,20 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         yield tmp
+        _publish_modes(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_source_files(source: Path, out: Path) -> None:
+    """The source directory's generation, processor and tokenizer files, and its remote code."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and any(path.match(p) for p in SOURCE_FILES):
+            shutil.copy2(path, out / path.name)
 
 
 def save_checkpoint(
@@ -222,18 +270,25 @@ def save_checkpoint(
     calib_fingerprint: str = "",
     max_shard_bytes: int = 2 << 30,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    source_dir: str | Path | None = None,
 ) -> Path:
     """Write the quantized model directory atomically; returns its path.
 
     Codes are packed on `device` one weight at a time (on a GPU, a 30 B model's packing takes
-    seconds instead of the host's tens of minutes), and the packed words kept on the host."""
+    seconds instead of the host's tens of minutes), and the packed words kept on the host.
+    Unquantized tensors are stored in `dtype` (default: the config's, `source_dtype`), the
+    source checkpoint's, whatever dtype calibration ran in. The files of `source_dir` that
+    servers read besides the weights (`SOURCE_FILES`) are copied over what `processor` writes."""
     out = Path(out)
     arch = get_architecture(model)
-    tensors = _state_without_quantized(model, arch, set(result.weights))
+    dtype = dtype or source_dtype(model.config)
+    tensors = _state_without_quantized(model, arch, set(result.weights), dtype)
     for name, qw in result.weights.items():
         for suffix, t in pack_weight(qw.to(device)).items():
             tensors[f"{name}.{suffix}"] = t.contiguous().cpu()
     config = model.config.to_dict()
+    _set_dtype(config, dtype)
     config["quantization_config"] = quantization_config(model, arch, result, calib_fingerprint)
     with atomic_directory(out) as tmp:
         shards = _shards(tensors, max_shard_bytes)
@@ -254,6 +309,11 @@ def save_checkpoint(
         (tmp / REPORT).write_text(json.dumps(report.__dict__, indent=1, default=str))
         if processor is not None:
             processor.save_pretrained(str(tmp))
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(str(tmp))
+        if source_dir is not None:
+            _copy_source_files(Path(source_dir), tmp)
         write_manifest(tmp)
     return out
 

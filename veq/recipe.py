@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from veq.config import Bits, GroupSize, QuantConfig
 
+#: Symmetric codes by default where a zero point buys little and costs portability: vLLM's MoE
+#: kernels load no asymmetric int8 at all, SGLang no asymmetric MoE weights, and vLLM before
+#: PR #44025 no asymmetric int4 MoE (docs/design.md §4.3).
+DEFAULT_SYMMETRIC: dict[int, bool] = {2: False, 3: False, 4: False, 8: True}
+
 Method = Literal["rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq"]
 METHODS: tuple[str, ...] = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq")
 
@@ -26,7 +31,16 @@ class Recipe(BaseModel):
     method: Method = Field("veq", description="Quantization method.")
     bits: Bits = Field(4, description="Weight bits (2, 3, 4, 8) of every quantized linear.")
     group_size: GroupSize = Field(128, description="32, 64, 128, or None for per-channel.")
-    symmetric: bool = Field(False, description="Symmetric codes (no zero points).")
+    symmetric: bool | None = Field(
+        None,
+        description="Symmetric codes (no zero points) or asymmetric (a zero point per group); "
+        "None: each width's default (`DEFAULT_SYMMETRIC`).",
+    )
+    scale_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16",
+        description="Storage dtype of scales: the model's serving dtype, so that a server "
+        "that keeps scales in it (vLLM copies them into the model dtype) rounds nothing again.",
+    )
     mixed_precision: float | None = Field(
         None,
         description="Average expert bits; hot experts (by importance S_i) get more. "
@@ -67,11 +81,18 @@ class Recipe(BaseModel):
             raise ValueError(f"mixed_precision must be in [2, 8], got {self.mixed_precision}")
         return self
 
+    def symmetric_for(self, bits: int) -> bool:
+        """Whether `bits`-wide weights get symmetric codes: the explicit choice, else the
+        width's default."""
+        return DEFAULT_SYMMETRIC[bits] if self.symmetric is None else self.symmetric
+
     def quant_config(self, bits: int | None = None) -> QuantConfig:
+        bits = self.bits if bits is None else bits
         return QuantConfig(
-            bits=self.bits if bits is None else bits,
+            bits=bits,
             group_size=self.group_size,
-            symmetric=self.symmetric,
+            symmetric=self.symmetric_for(bits),
+            scale_dtype=self.scale_dtype,
         )
 
     @property
@@ -85,7 +106,8 @@ class Recipe(BaseModel):
         """Short human name, e.g. `veq-ma-w3g128` or `veq-mp2.5g128`."""
         g = f"g{self.group_size}" if self.group_size else "gch"
         bits = f"mp{self.mixed_precision:g}" if self.mixed_precision else f"w{self.bits}"
-        return f"{self.method}-{bits}{g}"
+        sym = "-sym" if self.symmetric_for(self.bits) else ""
+        return f"{self.method}-{bits}{g}{sym}"
 
 
 def allocate_expert_bits(importance: list[float], average: float) -> list[int]:

@@ -71,6 +71,8 @@ async def stats(state: State) -> dict:
         "method": None if info.bits == 16 else info.method,
         "bits": info.bits,
         "group_size": info.group_size,
+        "symmetric": info.symmetric,
+        "label": info.label,
         "weight_bytes": info.weight_bytes,
         "checkpoint": info.checkpoint,
         "device": runner.device.type,

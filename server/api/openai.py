@@ -47,7 +47,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, chat: 
 async def list_models(state: State) -> ModelList:
     chat = ready_chat(state)
     info = chat.engine.runner.info
-    label = None if info.bits == 16 else f"{info.method}-w{info.bits}g{info.group_size or 'ch'}"
     return ModelList(
         data=[
             ModelCard(
@@ -57,8 +56,9 @@ async def list_models(state: State) -> ModelList:
                     method=None if info.bits == 16 else info.method,
                     bits=info.bits,
                     group_size=info.group_size,
+                    symmetric=info.symmetric,
                     weight_bytes=info.weight_bytes,
-                    label=label,
+                    label=info.label,
                 ),
             )
         ]

@@ -38,6 +38,10 @@ class ModelInfo:
     group_size: int | None
     weight_bytes: int
     checkpoint: str | None = None
+    symmetric: bool | None = None
+    """Whether the codes are symmetric; None when unquantized."""
+    label: str | None = None
+    """The recipe's short name (`veq-w4g128`); None when unquantized."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -52,7 +52,10 @@ def test_settings_grid_and_mixed_precision_widths():
         "bits": 3,
         "mixed_precision": 2.5,
         "group_size": 128,
+        "symmetric": None,
     }
+    assert Setting("veq", 4, 128, symmetric=True).label == "veq-w4g128-sym"
+    assert Setting("veq", 4, 128, symmetric=False).quantize_kwargs()["symmetric"] is False
 
 
 @needs_mini

@@ -143,6 +143,53 @@ def test_cli_quantize_summary_and_export(qwen_dir, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert verify(tmp_path / "exported") and (tmp_path / "exported" / MANIFEST).exists()
+    for target in ("vllm", "sglang"):
+        proc = _veq_cli(
+            "export",
+            "--model",
+            str(cache / entry),
+            "--for",
+            target,
+            "--out",
+            str(tmp_path / target),
+        )
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+        assert "3-bit" in err and not (tmp_path / target).exists()
+
+
+def _quantize_cli(model: Path, cache: Path, *flags: str) -> dict:
+    proc = _veq_cli(
+        "quantize", "--model", str(model), "--method", "rtn", "--group-size", "32",
+        "--cache-dir", str(cache), "--quiet", *flags,
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    path = Path(out.splitlines()[0].removeprefix("checkpoint: ").removesuffix(" (from cache)"))
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    return {"path": path, "weights": qc["config_groups"]["group_0"]["weights"]}
+
+
+@pytest.mark.e2e
+def test_cli_symmetry_flags_and_export_for_a_target(qwen_dir, tmp_path):
+    cache = tmp_path / "cache"
+    w8 = _quantize_cli(qwen_dir, cache, "--bits", "8")
+    assert w8["weights"]["symmetric"] is True and "-sym" in w8["path"].name
+    w8a = _quantize_cli(qwen_dir, cache, "--bits", "8", "--asymmetric")
+    assert w8a["weights"]["symmetric"] is False and w8a["path"] != w8["path"]
+    for bits in ("2", "3", "4"):
+        assert _quantize_cli(qwen_dir, cache, "--bits", bits, "--symmetric")["weights"]["symmetric"]
+    exported = {}
+    for name, ckpt in (("sym", w8["path"]), ("asym", w8a["path"])):
+        for target in ("vllm", "sglang"):
+            out_dir = tmp_path / f"{name}-{target}"
+            proc = _veq_cli("export", "--model", str(ckpt), "--for", target, "--out", str(out_dir))
+            out, err = proc.communicate(timeout=120)
+            exported[name, target] = (proc.returncode, err.strip(), verify(out_dir))
+    assert exported["sym", "vllm"] == (0, "", True) and exported["sym", "sglang"] == (0, "", True)
+    for target in ("vllm", "sglang"):
+        rc, err, made = exported["asym", target]
+        assert rc == 2 and not made and len(err.splitlines()) == 1 and "asymmetric" in err
 
 
 @pytest.mark.e2e

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from veq.models.base import (
@@ -64,7 +65,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         mlp_prev="post_attention_layernorm",
         moe=MoESpec("mlp", "gate", "experts", "fused", softmax_router),
-        ignore=("lm_head", "re:.*visual.*", "re:.*mlp\\.gate$"),
+        ignore=("re:.*lm_head$", "re:.*visual\\..*", "re:.*mlp\\.gate$"),
         post_layer=_deepstack,
     ),
     Architecture(
@@ -75,7 +76,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         mlp_prev="post_attention_layernorm",
         moe=MoESpec("mlp", "gate", "experts", "fused", sigmoid_router, shared="shared_experts"),
-        ignore=("lm_head", "re:.*vision_tower.*", "re:.*mm_projector.*", "re:.*mlp\\.gate$"),
+        ignore=(
+            "re:.*lm_head$",
+            "re:.*vision_tower\\..*",
+            "re:.*mm_projector\\..*",
+            "re:.*mlp\\.gate$",
+        ),
     ),
     Architecture(
         name="kimi_vl",
@@ -86,9 +92,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         mlp_prev="post_attention_layernorm",
         moe=MoESpec("mlp", "gate", "experts", "list", moegate_router, shared="shared_experts"),
         ignore=(
-            "re:.*lm_head",
-            "re:.*vision_tower.*",
-            "re:.*multi_modal_projector.*",
+            "re:.*lm_head$",
+            "re:.*vision_tower\\..*",
+            "re:.*multi_modal_projector\\..*",
             "re:.*mlp\\.gate$",
         ),
         image_token_attr="media_placeholder_token_id",
@@ -111,6 +117,19 @@ def get_architecture(model: nn.Module) -> Architecture:
     raise UnsupportedModelError(
         f"unsupported architecture {model_type!r}: veq supports {', '.join(SUPPORTED)}"
     )
+
+
+def source_dtype(config: Any) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (`config.json`'s `dtype`, or the text
+    config's): what the model is served in, and what its unquantized tensors are saved in.
+    Unknown (an in-memory model built without one): float32."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+        if isinstance(value, str):
+            value = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    return torch.float32
 
 
 def decoder_layers(model: nn.Module, arch: Architecture) -> nn.ModuleList:
@@ -158,4 +177,5 @@ __all__ = [
     "is_moe_layer",
     "layer_linears",
     "set_module",
+    "source_dtype",
 ]

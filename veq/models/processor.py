@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -45,7 +46,10 @@ CHAT_TEMPLATE = (
 class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
     """Qwen3-VL's processor without its video processor (which needs torchvision).
 
-    Reload it through this class (`ImageOnlyQwen3VLProcessor.from_pretrained`), not AutoProcessor.
+    It saves itself as a stock `Qwen3VLProcessor` (with a video processor section built from
+    the image settings), so stock `AutoProcessor` opens the directory where torchvision is
+    installed and says torchvision is missing where it is not, instead of falling back to a
+    bare tokenizer. veq reloads it through this class (`veq.api.load_processor`).
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -55,6 +59,23 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
     @classmethod
     def get_attributes(cls) -> list[str]:
         return ["image_processor", "tokenizer"]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["processor_class"] = Qwen3VLProcessor.__name__
+        image = self.image_processor
+        out["video_processor"] = {
+            "video_processor_type": "Qwen3VLVideoProcessor",
+            "patch_size": image.patch_size,
+            "temporal_patch_size": image.temporal_patch_size,
+            "merge_size": image.merge_size,
+            "image_mean": list(image.image_mean),
+            "image_std": list(image.image_std),
+            "size": dict(out["image_processor"]["size"]),
+            "do_sample_frames": True,
+            "fps": 2,
+        }
+        return out
 
 
 def build_tokenizer(words: Sequence[str] = ()) -> PreTrainedTokenizerFast:

@@ -40,22 +40,24 @@ class Setting:
     bits: float
     group_size: int | None = 128
     mixed_precision: bool = False
+    symmetric: bool | None = None
+    """None: each width's default (`veq.recipe.DEFAULT_SYMMETRIC`)."""
 
     @property
     def label(self) -> str:
         g = f"g{self.group_size}" if self.group_size else "gch"
         w = f"mp{self.bits:g}" if self.mixed_precision else f"w{self.bits:g}"
-        return f"{self.method}-{w}{g}"
+        codes = {None: "", True: "-sym", False: "-asym"}[self.symmetric]
+        return f"{self.method}-{w}{g}{codes}"
 
     def quantize_kwargs(self) -> dict[str, Any]:
+        common = {"method": self.method, "group_size": self.group_size, "symmetric": self.symmetric}
         if self.mixed_precision:
-            return {
-                "method": self.method,
+            return common | {
                 "bits": max(2, math.ceil(self.bits)),
                 "mixed_precision": float(self.bits),
-                "group_size": self.group_size,
             }
-        return {"method": self.method, "bits": int(self.bits), "group_size": self.group_size}
+        return common | {"bits": int(self.bits)}
 
 
 @dataclass
@@ -90,10 +92,11 @@ def settings_grid(
     bits: Sequence[int],
     group_size: int | None,
     mixed_precision: Sequence[float] = (),
+    symmetric: bool | None = None,
 ) -> list[Setting]:
     """Every method at every width, then every method at every mixed-precision average."""
-    grid = [Setting(m, b, group_size) for m in methods for b in bits]
-    grid += [Setting(m, a, group_size, True) for m in methods for a in mixed_precision]
+    grid = [Setting(m, b, group_size, symmetric=symmetric) for m in methods for b in bits]
+    grid += [Setting(m, a, group_size, True, symmetric) for m in methods for a in mixed_precision]
     return grid
 
 
