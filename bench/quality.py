@@ -2,7 +2,8 @@
 
     python bench/quality.py [--model mini] [--methods rtn,awq,...] [--bits 4,3,2]
                             [--groups 128,64] [--mixed 2.5,3] [--mixed-methods veq]
-                            [--calib-seeds 0,1,2] [--samples 600] [--jobs 2] [--no-write]
+                            [--codes default|sym,asym] [--calib-seeds 0,1,2] [--samples 600]
+                            [--jobs 2] [--section quality|symmetric] [--no-write]
 
 Each setting is quantized through `veq.api.quantize` (cached under `--cache-dir`) once per
 calibration seed and scored on the same held-out questions against the 16-bit model
@@ -10,7 +11,9 @@ calibration seed and scored on the same held-out questions against the 16-bit mo
 and the spread (min–max) over seeds of exact-match accuracy and KL to the 16-bit model, the
 worst family, answer NLL and the bytes of the quantized linears. All rows go to
 `bench/results/quality.json`; the table goes to BENCHMARKS.md (section `quality`).
-`--jobs N` splits the settings over N processes (one torch thread each).
+`--jobs N` splits the settings over N processes (one torch thread each). `--codes sym,asym` runs
+every setting with symmetric and with asymmetric codes (`default`: each width's default);
+`--section symmetric` writes that comparison to its own section.
 """
 
 from __future__ import annotations
@@ -54,22 +57,22 @@ def _base() -> dict[str, Any]:
     return _run.base_row().as_dict()
 
 
-def _spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+def _spread(values: list[float], scale: float = 1.0, spec: str = ".1f") -> str:
     mean = statistics.fmean(values) * scale
     if len(values) == 1:
-        return f"{mean:.{digits}f}"
+        return f"{mean:{spec}}"
     lo, hi = min(values) * scale, max(values) * scale
-    return f"{mean:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+    return f"{mean:{spec}} ({lo:{spec}}–{hi:{spec}})"
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[list[str]]:
     """One table row per (method, bits, group, mixed): means and min–max over seeds."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["method"], r["bits"], r["group_size"], r["mixed_precision"])
+        key = (r["method"], r["bits"], r["group_size"], r["mixed_precision"], r["symmetric"])
         groups.setdefault(key, []).append(r)
     out = []
-    for (method, bits, group, mixed), rs in groups.items():
+    for (method, bits, group, mixed, symmetric), rs in groups.items():
         acc = [r["accuracy"] for r in rs]
         fams = rs[0]["per_family"]
         worst = min(fams, key=lambda f: statistics.fmean(r["per_family"][f] for r in rs))
@@ -79,11 +82,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[list[str]]:
                 method,
                 f"mp{bits:g}" if mixed else f"{bits:g}",
                 str(group) if group else "-",
+                {None: "default", True: "sym", False: "asym"}[symmetric],
                 str(len(rs)),
                 _spread(acc, 100),
                 f"{worst} {100 * worst_acc:.1f}",
                 f"{statistics.fmean(r['answer_nll'] for r in rs):.4f}",
-                _spread([r["kl"] for r in rs], 1, 4),
+                _spread([r["kl"] for r in rs], 1, ".2g"),  # 4e-05 at W4 to 0.02 at W2
                 _spread([r["top1_agreement"] for r in rs], 100),
                 f"{statistics.fmean(r['flips_lost'] for r in rs):.1f} / "
                 f"{statistics.fmean(r['flips_gained'] for r in rs):.1f}",
@@ -107,6 +111,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/veq-bench-quality"))
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--codes", default="default", help="comma list of default, sym, asym")
+    ap.add_argument("--section", choices=("quality", "symmetric"), default="quality")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -114,15 +120,19 @@ def main() -> None:
 
     seeds = [int(s) for s in args.calib_seeds.split(",")]
     groups = [None if g == "channel" else int(g) for g in args.groups.split(",")]
+    codes = [{"default": None, "sym": True, "asym": False}[c] for c in args.codes.split(",")]
     settings = [
-        Setting(m, int(b), g)
+        Setting(m, int(b), g, symmetric=c)
+        for c in codes
         for g in groups
         for b in args.bits.split(",")
         for m in args.methods.split(",")
     ]
     mixed = [float(a) for a in args.mixed.split(",") if a]
     mixed_methods = args.mixed_methods.split(",")
-    settings += [Setting(m, a, groups[0], True) for a in mixed for m in mixed_methods]
+    settings += [
+        Setting(m, a, groups[0], True, c) for c in codes for a in mixed for m in mixed_methods
+    ]
     jobs = [(s, c) for s in settings for c in (seeds[:1] if s.method == "rtn" else seeds)]
     options = {
         "model": args.model,
@@ -140,19 +150,25 @@ def main() -> None:
             print(
                 f"[{i}/{len(jobs)} {time.perf_counter() - t0:6.0f} s] {row['method']} "
                 f"{'mp' if row['mixed_precision'] else 'w'}{row['bits']:g} g{row['group_size']} "
+                f"{ {None: '', True: 'sym ', False: 'asym '}[row['symmetric']] }"
                 f"calib {row['calib_seed']}: acc {100 * row['accuracy']:.1f} kl {row['kl']:.4f}",
                 flush=True,
             )
         base = pool.submit(_base).result()
     rows.insert(0, base)
 
-    header = ["method", "bits", "group", "seeds", "accuracy %", "worst family %", "answer NLL"]
+    header = ["method", "bits", "group", "codes", "seeds", "accuracy %", "worst family %"]
+    header += ["answer NLL"]
     header += ["KL to 16-bit", "same top-1 %", "flips lost / gained", "quantized MiB"]
     table = markdown_table(header, summarize(rows))
     print(table)
     fam = ", ".join(f"{k} {100 * v:.1f}" for k, v in base["per_family"].items())
+    title = {
+        "quality": "Quality on the reference model",
+        "symmetric": "Symmetric codes against zero points on the reference model",
+    }[args.section]
     body = (
-        f"## Quality on the reference model (`bench/quality.py`, {today()})\n\n"
+        f"## {title} (`bench/quality.py --section {args.section}`, {today()})\n\n"
         f"**{device_name('cpu')}**, model `{args.model}`, {args.samples} held-out questions "
         f"(offset {args.seed}), calibration: the `shapes` source, {args.calib_samples} samples, "
         f"seeds {args.calib_seeds} (RTN uses none: one run). Accuracy and KL are the mean and, in "
@@ -160,13 +176,16 @@ def main() -> None:
         "'quantized MiB' counts the quantized linears only (codes + scales + zero points). "
         f"16-bit: {100 * base['accuracy']:.1f} % ({fam}); its linears take "
         f"{base['weight_bytes'] / 2**20:.3f} MiB. {len(jobs)} quantizations in "
-        f"{(time.perf_counter() - t0) / 60:.0f} min with {args.jobs} processes.\n\n{table}\n"
+        f"{(time.perf_counter() - t0) / 60:.0f} min with {args.jobs} processes (quantizations "
+        f"found in the cache are not redone). Command: `python bench/quality.py "
+        f"{' '.join(sys.argv[1:])}`.\n\n{table}\n"
     )
     if not args.no_write:
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
-        write_section("quality", body)
-        print("wrote BENCHMARKS.md and", RESULTS)
+        results = RESULTS.with_name(f"{args.section}.json")
+        results.parent.mkdir(exist_ok=True)
+        results.write_text(json.dumps(rows, indent=1) + "\n")
+        write_section(args.section, body)
+        print("wrote BENCHMARKS.md and", results)
 
 
 if __name__ == "__main__":

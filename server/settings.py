@@ -64,7 +64,7 @@ class ServeSettings(BaseSettings):
     symmetric: bool | None = Field(
         None,
         description="Symmetric codes (--symmetric) or a zero point per group (--asymmetric); "
-        "default: symmetric at 8 bits, asymmetric below.",
+        "default: symmetric at 4 and 8 bits, asymmetric at 2 and 3.",
     )
     calib: str | None = Field(
         None,

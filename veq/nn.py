@@ -111,6 +111,7 @@ class QuantLinear(nn.Module):
         self.in_features = packed.k
         self.out_features = packed.n
         self.dtype = dtype
+        self._view: PackedWeight | None = None
         self._meta = _PackedBuffers.register(self, "weight", packed)
         if bias is not None:
             if tuple(bias.shape) != (packed.n,):
@@ -131,8 +132,11 @@ class QuantLinear(nn.Module):
         return cls(_pack(qw), qw.cfg, bias, dtype)
 
     def packed_weight(self) -> PackedWeight:
-        """The weight as a `kernels.layout.PackedWeight` (views of the buffers)."""
-        return _PackedBuffers.get(self, "weight", self._meta)
+        """The weight as a `kernels.layout.PackedWeight` (views of the buffers), built once
+        and again only when the buffers were replaced (`.to()`, `load_state_dict`)."""
+        if self._view is None or self._view.qweight is not self.weight_qweight:
+            self._view = _PackedBuffers.get(self, "weight", self._meta)
+        return self._view
 
     def weight_nbytes(self) -> int:
         """Bytes of the quantized weight buffers (codes, scales, zeros; bias excluded)."""
@@ -188,6 +192,7 @@ class QuantMoEExperts(nn.Module):
         self.intermediate_dim = probe.intermediate
         self.cfgs = cfgs
         self.dtype = dtype
+        self._view: MoEWeights | None = None
         self._groups: dict[str, list[tuple[str, tuple[int, ...], dict[str, Any]]]] = {}
         for kind, groups in (("gate_up", gate_up), ("down", down)):
             self._groups[kind] = []
@@ -229,7 +234,15 @@ class QuantMoEExperts(nn.Module):
         return cls(group_by_bits(fused), group_by_bits(downs), [g.cfg for g in gate], dtype)
 
     def moe_weights(self) -> MoEWeights:
-        """The experts as a `kernels.moe.weights.MoEWeights` (views of the buffers)."""
+        """The experts as a `kernels.moe.weights.MoEWeights` (views of the buffers), built once
+        and again only after the buffers move (`_apply`), as vLLM prepares kernel arguments
+        once after loading rather than every forward. Rebuilt when the buffers were replaced."""
+        first = getattr(self, f"{self._groups['gate_up'][0][0]}_qweight")
+        if self._view is None or self._view.gate_up[0].weight.qweight is not first:
+            self._view = self._build_moe_weights()
+        return self._view
+
+    def _build_moe_weights(self) -> MoEWeights:
         groups = {
             kind: tuple(
                 ExpertGroup(

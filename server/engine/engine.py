@@ -35,6 +35,10 @@ class EngineStopped(Exception):
     """The engine is draining or stopped and takes no new requests."""
 
 
+class NonFiniteLogits(Exception):
+    """A row's logits hold NaN or inf: it cannot be sampled."""
+
+
 @dataclass
 class EngineObserver:
     """Callbacks for metrics; each defaults to doing nothing."""
@@ -54,6 +58,27 @@ class _Seq:
     tokens: list[int] = field(default_factory=list)
     emitted: int = 0
     last_token_at: float = 0.0
+    text: str = ""
+    """The decoded text of `tokens[:read]`."""
+    prefix: int = 0
+    read: int = 0
+
+    def _detokenize(self, final: bool = False) -> str:
+        """The text of `tokens`, decoding only a short window (vLLM's incremental
+        detokenisation): `tokens[prefix:read]` are decoded again as context, because a BPE
+        token's text can depend on its neighbours; an incomplete UTF-8 character waits for the
+        rest of its bytes unless `final`."""
+        if self.read == len(self.tokens):
+            return self.text
+        decode = self.runner.processor.tokenizer.decode
+        before = decode(self.tokens[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.tokens[self.prefix :], skip_special_tokens=True)
+        if final:
+            return self.text + after[len(before) :]
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.tokens)
+        return self.text
 
     def advance(self, token: int) -> tuple[str, FinishReason | None]:
         """Take one sampled token: the new text to emit and, when done, why."""
@@ -63,14 +88,14 @@ class _Seq:
             finish = "stop"
         else:
             self.tokens.append(token)
-        text = self.runner.processor.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if finish is None and len(self.tokens) >= p.max_tokens:
+            finish = "length"
+        text = self._detokenize(final=finish is not None)
         for stop in p.stop:
             at = text.find(stop, max(0, self.emitted - len(stop)))
             if at >= 0:
                 text, finish = text[:at], "stop"
                 break
-        if finish is None and len(self.tokens) >= p.max_tokens:
-            finish = "length"
         if finish is not None:
             delta, self.emitted = text[self.emitted :], len(text)
             return delta, finish
@@ -205,6 +230,10 @@ class Engine:
             req.cancel()
 
     def _emit(self, req: GenerationRequest, event: GenerationEvent) -> None:
+        if req.finished:
+            return
+        if event.finish_reason is not None:
+            req.finished = True
         if req._loop is not None and req._queue is not None:
             try:
                 req._loop.call_soon_threadsafe(req._queue.put_nowait, event)
@@ -226,14 +255,19 @@ class Engine:
                 while self._waiting and len(admit) < max(room, 0):
                     admit.append(self._waiting.popleft())
                 runner = self._runner
-            try:
-                if admit:
+            # A failure ends the requests it touches, never the loop: an admission's requests,
+            # or one batch's rows; everything else keeps running.
+            if admit:
+                try:
                     self._admit(admit, runner)
-                for batch in list(self._batches):
+                except Exception as exc:
+                    self._fail(admit, exc, "admission")
+            for batch in list(self._batches):
+                try:
                     self._step(batch)
-            except Exception as exc:  # never let one bad step kill the server
-                log.exception("engine step failed")
-                self._fail_all(str(exc))
+                except Exception as exc:
+                    self._fail([s.req for s in batch.seqs], exc, "decode step")
+                    self._batches.remove(batch)
 
     def _batch_for(self, runner: ModelRunner) -> _Batch:
         for batch in self._batches:
@@ -261,8 +295,15 @@ class Engine:
             groups[-1].append(req)
             budget += req.prompt_tokens
         for group in groups:
-            prefills = runner.prefill([r.inputs for r in group])
+            try:
+                prefills = runner.prefill([r.inputs for r in group])
+            except Exception as exc:
+                self._fail(group, exc, "prefill")
+                continue
             for req, pre in zip(group, prefills, strict=True):
+                if not bool(torch.isfinite(pre.logits).all()):
+                    self._fail([req], NonFiniteLogits(), "prefill")
+                    continue
                 gen = (
                     torch.Generator().manual_seed(req.params.seed)
                     if req.params.seed is not None
@@ -295,9 +336,11 @@ class Engine:
         return finish is None
 
     def _step(self, batch: _Batch) -> None:
-        live = [i for i, s in enumerate(batch.seqs) if not s.req.cancelled]
+        # Rows already ended (an admission that failed after they joined) leave like cancelled
+        # ones, without a second final event.
+        live = [i for i, s in enumerate(batch.seqs) if not s.req.cancelled and not s.req.finished]
         for s in batch.seqs:
-            if s.req.cancelled:
+            if s.req.cancelled and not s.req.finished:
                 self._emit(s.req, GenerationEvent(finish_reason="cancelled"))
                 self.observer.on_finish("cancelled", s.req.prompt_tokens, len(s.tokens))
         if len(live) != len(batch.seqs):
@@ -315,6 +358,19 @@ class Engine:
         last = [s.tokens[-1] for s in batch.seqs]
         positions = torch.tensor([s.position for s in batch.seqs])
         logits = batch.runner.decode(last, positions, batch.kv)
+        finite = torch.isfinite(logits).all(-1).tolist()
+        if not all(finite):
+            # A row whose logits are not finite ends alone; the rest sample as usual.
+            good = [i for i, ok in enumerate(finite) if ok]
+            bad = [s.req for s, ok in zip(batch.seqs, finite, strict=True) if not ok]
+            self._fail(bad, NonFiniteLogits(), "decode")
+            logits = logits[good]
+            batch.seqs = [batch.seqs[i] for i in good]
+            batch.kv.keep(good)
+            if not batch.seqs:
+                self._batches.remove(batch)
+                return
+            b = len(batch.seqs)
         params = [s.req.params for s in batch.seqs]
         logits = suppress_eos(
             logits, params, [len(s.tokens) for s in batch.seqs], batch.runner.eos_ids
@@ -334,8 +390,21 @@ class Engine:
         if not batch.seqs:
             self._batches.remove(batch)
 
-    def _fail_all(self, message: str) -> None:
-        for batch in self._batches:
-            for seq in batch.seqs:
-                self._emit(seq.req, GenerationEvent(finish_reason="error", error=message))
-        self._batches = []
+    def _fail(self, reqs: list[GenerationRequest], exc: Exception, where: str) -> None:
+        """End `reqs` (those not already finished) with an error event for `exc`."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            message, status = f"the device ran out of memory during {where}; retry", 503
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        elif isinstance(exc, NonFiniteLogits):
+            message, status = f"the model produced non-finite logits during {where}", 500
+        else:
+            message, status = f"{where} failed on the server ({type(exc).__name__})", 500
+        if not isinstance(exc, NonFiniteLogits):
+            log.error("%s failed for %d request(s)", where, len(reqs), exc_info=exc)
+        for req in reqs:
+            if not req.finished:
+                self.observer.on_finish("error", req.prompt_tokens, 0)
+            self._emit(
+                req, GenerationEvent(finish_reason="error", error=message, error_status=status)
+            )

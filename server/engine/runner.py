@@ -9,6 +9,7 @@ Shape legend: B batch rows, S prompt length, V vocabulary.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,7 @@ class ModelRunner:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = {int(e) for e in eos if e is not None}
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def _collate(self, batch: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[int]]:
         """Right-pad a list of single-request inputs into one batch; returns it and the lengths.
@@ -115,6 +117,13 @@ class ModelRunner:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        # The head only where a token is sampled (each row's last prompt position), not at
+        # every position: `[S, 151936]` fp32 logits per prompt at Qwen3-VL's vocabulary.
+        last = sorted({n - 1 for n in lengths})
+        if self._logits_to_keep:
+            inputs["logits_to_keep"] = torch.tensor(last, device=self.device)
+        else:
+            last = list(range(max(lengths)))
         out = self.model(**inputs, use_cache=True)
         cache = out.cache if "cache" in out else out.past_key_values
         deltas = [0] * len(batch)
@@ -130,7 +139,7 @@ class ModelRunner:
         for b, n in enumerate(lengths):
             results.append(
                 Prefill(
-                    out.logits[b, n - 1].float(),
+                    out.logits[b, last.index(n - 1)].float(),
                     [layer.keys[b : b + 1, :, :n] for layer in cache.layers],
                     [layer.values[b : b + 1, :, :n] for layer in cache.layers],
                     n + deltas[b],

@@ -31,22 +31,36 @@ def sample(
 
     temperature 0 → argmax; otherwise softmax(logits / T), restricted to the `top_k` largest and
     to the smallest set whose probability reaches `top_p`, drawn with the row's generator (a
-    seeded request repeats exactly).
+    seeded request repeats exactly). The filtering is batched on the device, and the tokens come
+    to the host in one transfer; only seeded rows draw one by one, each with its own generator.
     """
     logits = logits.float()
-    out: list[int] = []
-    for row, p, gen in zip(logits, params, generators, strict=True):
-        if p.temperature <= 0:
-            out.append(int(row.argmax()))
-            continue
-        row = row / p.temperature
-        if 0 < p.top_k < row.numel():
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = row.softmax(-1)
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the top token
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        out.append(int(torch.multinomial(probs.cpu(), 1, generator=gen)))
-    return out
+    v = logits.shape[-1]
+    dev = logits.device
+    if not params:
+        return []
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+    scaled = logits / temps[:, None]
+    top_k = [p.top_k if 0 < p.top_k < v else v for p in params]
+    if min(top_k) < v:
+        k = torch.tensor(top_k, device=dev)
+        kth = scaled.topk(max(top_k), dim=-1).values.gather(1, (k - 1)[:, None])
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(-1)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Always keeps the top token; rows with top_p = 1 keep everything.
+        keep = (sorted_p.cumsum(-1) - sorted_p < top_p) | (top_p >= 1.0)
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_p * keep)
+    tokens = logits.argmax(-1)
+    drawn = [i for i, p in enumerate(params) if p.temperature > 0]
+    shared = [i for i in drawn if generators[i] is None]
+    if shared:
+        rows = torch.tensor(shared, device=dev)
+        tokens[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
+    for i in drawn:
+        gen = generators[i]
+        if gen is not None:
+            tokens[i] = torch.multinomial(probs[i].to(gen.device), 1, generator=gen)[0]
+    return tokens.tolist()

@@ -41,6 +41,9 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    """With `finish_reason="error"`: what went wrong, for the client (no traceback)."""
+    error_status: int = 500
+    """The HTTP status that error maps to: 503 when retrying may succeed (device memory)."""
 
 
 @dataclass
@@ -56,6 +59,8 @@ class GenerationRequest:
     request_id: int = field(default_factory=lambda: next(_ids))
     created: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    finished: bool = False
+    """Set by the engine once the final event is sent: nothing else is sent after it."""
     # Filled by the engine: where events go.
     _queue: asyncio.Queue[GenerationEvent] | None = None
     _loop: asyncio.AbstractEventLoop | None = None

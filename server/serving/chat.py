@@ -9,11 +9,15 @@ counting image tokens. It does not know HTTP routing or auth (`server.api`) nor 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from PIL import Image
 
 from server.engine import (
@@ -35,6 +39,16 @@ from server.protocol import (
     ChunkChoice,
     Delta,
     Usage,
+)
+
+#: The chat template and processor (image resizing, patching) run here, off the event loop, so
+#: a large image does not stall every HTTP connection. One thread with one torch thread: a
+#: bigger OpenMP team would fight the engine's for the cores.
+_PREPROCESS = ThreadPoolExecutor(
+    max_workers=1,
+    thread_name_prefix="veq-preprocess",
+    initializer=torch.set_num_threads,
+    initargs=(1,),
 )
 
 
@@ -81,9 +95,8 @@ class ChatService:
             raise model_not_found(req.model, self.model_names)
         messages, images = await self._messages(req)
         try:
-            # On the event loop's thread on purpose: the processor builds torch tensors, and a
-            # worker thread would bring its own OpenMP team to fight the engine for the cores.
-            inputs = self._encode(messages, images)
+            loop = asyncio.get_running_loop()
+            inputs = await loop.run_in_executor(_PREPROCESS, self._encode, messages, images)
         except (ValueError, TypeError) as exc:
             raise bad_request(f"cannot build the prompt: {exc}", param="messages") from None
         prompt = int(inputs["input_ids"].shape[-1])
@@ -158,9 +171,7 @@ class ChatService:
             text.append(event.text)
             if event.finish_reason is not None:
                 if event.finish_reason == "error":
-                    raise APIError(
-                        500, "generation failed on the server; retry", code="engine_error"
-                    )
+                    raise _engine_error(event)
                 finish = event.finish_reason
                 usage = Usage(
                     prompt_tokens=event.prompt_tokens,
@@ -184,6 +195,9 @@ class ChatService:
         gen = await self.prepare(req)
         events = self._events(gen)
         first = await events.__anext__()
+        if first.finish_reason == "error":  # nothing sent yet: an HTTP error, not a stream
+            await events.aclose()  # type: ignore[attr-defined]
+            raise _engine_error(first)
         return self._sse(req, gen, first, events)
 
     async def _sse(
@@ -210,7 +224,8 @@ class ChatService:
         try:
             while True:
                 if event.finish_reason == "error":
-                    yield chunk(Delta(), "stop")
+                    err = _engine_error(event)
+                    yield f"data: {json.dumps(err.body(), separators=(',', ':'))}\n\n"
                     break
                 if event.text:
                     yield chunk(Delta(content=event.text))
@@ -236,3 +251,15 @@ class ChatService:
         finally:
             gen.cancel()
             await events.aclose()  # type: ignore[attr-defined]
+
+
+def _engine_error(event: GenerationEvent) -> APIError:
+    """The OpenAI-shaped error for an engine's final error event (500, or 503 to retry)."""
+    code = "engine_overloaded" if event.error_status == 503 else "engine_error"
+    headers = {"Retry-After": "1"} if event.error_status == 503 else None
+    return APIError(
+        event.error_status,
+        event.error or "generation failed on the server; retry",
+        code=code,
+        headers=headers,
+    )

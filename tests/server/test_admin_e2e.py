@@ -100,21 +100,21 @@ def test_failed_job_keeps_the_old_model(server_factory):
     assert card.json()["data"][0]["veq"]["bits"] == 4
 
 
-def test_requantize_to_symmetric_codes(server_factory):
+def test_requantize_to_asymmetric_codes(server_factory):
     live = server_factory()
     auth = {"Authorization": f"Bearer {API_KEY}"}
     before = httpx.get(f"{live.url}/v1/models", headers=auth).json()["data"][0]["veq"]
-    assert before["symmetric"] is False and before["label"] == "rtn-w4g32"
+    assert before["symmetric"] is True and before["label"] == "rtn-w4g32-sym"  # the default
     r = httpx.post(
-        f"{live.url}/admin/requantize", json={"bits": 4, "symmetric": True}, headers=ADMIN
+        f"{live.url}/admin/requantize", json={"bits": 4, "symmetric": False}, headers=ADMIN
     )
-    assert r.status_code == 202 and r.json()["request"]["symmetric"] is True
+    assert r.status_code == 202 and r.json()["request"]["symmetric"] is False
     done = wait_job(live.url, r.json()["id"])
     assert done["state"] == "succeeded", done
     after = httpx.get(f"{live.url}/v1/models", headers=auth).json()["data"][0]["veq"]
-    assert after["symmetric"] is True and after["label"] == "rtn-w4g32-sym"
+    assert after["symmetric"] is False and after["label"] == "rtn-w4g32"
     stats = httpx.get(f"{live.url}/admin/stats", headers=ADMIN).json()
-    assert stats["symmetric"] is True and stats["weight_bytes"] < before["weight_bytes"]
+    assert stats["symmetric"] is False and stats["weight_bytes"] > before["weight_bytes"]
     bad = httpx.post(
         f"{live.url}/admin/requantize", json={"bits": 4, "symmetric": "yes please"}, headers=ADMIN
     )

@@ -201,3 +201,29 @@ def test_metrics_exposed(live, client):
         "veq_completion_tokens_total",
     ):
         assert name in text, name
+
+
+def test_the_processor_runs_off_the_event_loop(live, client, png, monkeypatch):
+    """Image preprocessing runs on the preprocessing thread, so a large image does not stall
+    the event loop that every other connection waits on."""
+    import threading
+
+    from server.serving.chat import ChatService
+
+    seen: list[str] = []
+    real = ChatService._encode
+
+    def spy(self, messages, images):
+        seen.append(threading.current_thread().name)
+        return real(self, messages, images)
+
+    monkeypatch.setattr(ChatService, "_encode", spy)
+    content = [
+        {"type": "image_url", "image_url": {"url": png(size=300)}},
+        {"type": "text", "text": "hi"},
+    ]
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": content}], max_tokens=2
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert seen and all(name.startswith("veq-preprocess") for name in seen), seen

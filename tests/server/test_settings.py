@@ -140,6 +140,17 @@ def test_boolean_flag_overrides_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ServeSettings.from_cli(_parse("--no-allow-remote-images")).allow_remote_images is False
 
 
+def test_symmetry_flags_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServeSettings.from_cli(_parse()).symmetric is None  # each width's default
+    monkeypatch.setenv("VEQ_SYMMETRIC", "false")
+    assert ServeSettings.from_cli(_parse()).symmetric is False
+    assert ServeSettings.from_cli(_parse("--symmetric")).symmetric is True
+    monkeypatch.setenv("VEQ_SYMMETRIC", "true")
+    assert ServeSettings.from_cli(_parse("--asymmetric")).symmetric is False
+    with pytest.raises(SystemExit):  # one or the other
+        _parse("--symmetric", "--asymmetric")
+
+
 def test_from_cli_dict_ignores_none_and_foreign_keys() -> None:
     s = ServeSettings.from_cli({"bits": None, "command": "serve", "run": print, "port": 1234})
     assert s.bits == 4 and s.port == 1234

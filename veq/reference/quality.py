@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from veq import api
+from veq.recipe import Recipe
 from veq.reference import MINI_CALIB
 from veq.reference.encode import Batch, Encoder
 from veq.reference.evaluate import AnswerScores, heldout_samples, score_batch, summarize
@@ -79,6 +80,8 @@ class QualityRow:
     flips_gained: int = 0
     """Questions the 16-bit model answers wrong and this one right."""
     mixed_precision: bool = False
+    symmetric: bool | None = None
+    """Whether the codes were symmetric (at `ceil(bits)` under mixed precision); None: 16-bit."""
     calib_seed: int | None = None
     seconds: float = 0.0
     cached: bool = False
@@ -191,6 +194,9 @@ class QualityRun:
             scores,
             int(q.report["bytes_quantized"]),
             calib_seed=calib_seed,
+            symmetric=Recipe.model_validate(q.report["recipe"]).symmetric_for(
+                max(2, math.ceil(setting.bits))
+            ),
             seconds=float(q.report.get("seconds", 0.0)),
             cached=q.cached,
         )
