@@ -255,9 +255,11 @@ def render_markdown(report: dict[str, Any], figure: str | None = "report.png") -
         "model, packed codes, scales and zero points included (`/admin/stats` `weight_bytes`).",
         "- **formula**: `veq.format.packed_nbytes` (the compressed-tensors `pack-quantized` size) "
         "summed over the quantized matrices, plus the bytes of the parts that stay unquantized. "
-        "In memory the kernels keep one byte per zero point instead of b bits, so the ratio sits "
-        "just above 1; the kernel-layout formula (`quantized_kernel_formula_bytes` in "
-        "report.json) matches exactly.",
+        "In memory the kernels keep no 16-byte `weight_shape` per matrix and, for asymmetric "
+        "codes, one byte per zero point instead of b bits, so the ratio sits within a few "
+        "percent of 1 (just below for symmetric codes, the 4- and 8-bit default); the "
+        "kernel-layout formula (`quantized_kernel_formula_bytes` in report.json) matches "
+        "exactly.",
         "- **÷ fp16**: against the same model with every floating-point weight in 16 bits. On CPU "
         "the server keeps unquantized parts in fp32 (and serves `--bits 16` as fp32), which this "
         "ratio and the 16-bit setting's size show.",

@@ -98,7 +98,9 @@ def _expert_shapes(n: int, k: int, bits: int, g: int) -> dict[str, tuple[int, ..
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True), (3, False)])
-def test_expert_tensors_fill_what_vllm_allocates(checkpoints, tiny_model, layout, bits, symmetric):
+def test_expert_tensors_fill_what_vllm_and_sglang_allocate(
+    checkpoints, tiny_model, layout, bits, symmetric
+):
     directory = checkpoints(layout, bits, symmetric)
     tensors = _tensors(directory)
     model = tiny_model(layout)
@@ -152,6 +154,14 @@ def test_expert_tensors_fill_what_vllm_allocates(checkpoints, tiny_model, layout
             if not symmetric:
                 z13[i, : inter // pf].copy_(tensors[f"{prefix}.{i}.gate_proj.weight_zero_point"])
                 z2[i].copy_(tensors[f"{prefix}.{i}.down_proj.weight_zero_point"])
+        if symmetric:
+            # SGLang 0.5.23's buffers (K-first): it transposes packed weights and scales at load.
+            sg13 = torch.empty(e, hidden // pf, 2 * inter, dtype=torch.int32)
+            sgs2 = torch.empty(e, inter // g, hidden, dtype=torch.bfloat16)
+            for i in experts:
+                sg13[i, :, :inter].copy_(tensors[f"{prefix}.{i}.gate_proj.weight_packed"].t())
+                sg13[i, :, inter:].copy_(tensors[f"{prefix}.{i}.up_proj.weight_packed"].t())
+                sgs2[i].copy_(tensors[f"{prefix}.{i}.down_proj.weight_scale"].t())
     assert arch.moe.experts == "experts"
 
 
