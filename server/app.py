@@ -22,6 +22,7 @@ import veq
 from server.api import admin, openai, ops
 from server.api.deps import AppState
 from server.engine import Engine
+from server.engine.kv import KVBudgetError
 from server.engine.requant import Requantizer
 from server.engine.runner import ModelRunner
 from server.errors import install_body_limit, install_error_handlers
@@ -40,6 +41,31 @@ def _factory_for(settings: Any, factory: Factory) -> Callable[..., ModelRunner]:
         return factory(settings, overrides, on_layer)
 
     return build
+
+
+def kv_slots(settings: Any, runner: ModelRunner) -> int:
+    """KV slots of `max_model_len` tokens the budget holds, at most `max_batch`.
+
+    The budget: `kv_cache_memory` bytes when set; on CUDA, what `gpu_memory_utilization` of the
+    device leaves after what is already allocated (the loaded model); on CPU, one slot per
+    batch row. Raises `KVBudgetError` (so start-up fails with the reason, not a request later)
+    when it holds no sequence at all."""
+    per_seq = runner.kv_geometry().bytes_per_token * settings.max_model_len
+    if settings.kv_cache_memory is not None:
+        budget = settings.kv_cache_memory
+    elif runner.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(runner.device)
+        budget = int(settings.gpu_memory_utilization * total) - (total - free)
+    else:
+        return settings.max_batch
+    slots = max(budget, 0) // per_seq
+    if slots < 1:
+        raise KVBudgetError(
+            f"the KV-cache budget ({max(budget, 0) / 2**20:.0f} MiB) holds no sequence of "
+            f"--max-model-len {settings.max_model_len} ({per_seq / 2**20:.1f} MiB each): lower "
+            "--max-model-len or raise --kv-cache-memory / --gpu-memory-utilization"
+        )
+    return min(slots, settings.max_batch)
 
 
 def _attach(state: AppState, engine: Engine, factory: Factory) -> None:
@@ -66,11 +92,20 @@ def build_app(
 
         try:
             runner = make(settings, {}, progress)
+            slots = kv_slots(settings, runner)
             eng = Engine(
                 runner,
                 max_batch=settings.max_batch,
                 max_queue=settings.max_queue,
+                max_model_len=settings.max_model_len,
+                kv_slots=slots,
                 observer=metrics.observer(),
+            )
+            log.info(
+                "KV cache: %d slots of %d tokens, %.1f MiB reserved",
+                slots,
+                settings.max_model_len,
+                eng.kv_bytes() / 2**20,
             )
             eng.start()
             _attach(state, eng, make)

@@ -64,7 +64,16 @@ class Metrics:
             "veq_weight_bytes", "Bytes of the served model's weights", registry=r
         )
         self.kv_bytes = Gauge(
-            "veq_kv_cache_bytes", "Bytes of the running batches' KV caches", registry=r
+            "veq_kv_cache_bytes", "Bytes reserved for the KV cache (all slots)", registry=r
+        )
+        self.kv_capacity = Gauge(
+            "veq_kv_cache_capacity_tokens", "Token positions the KV slots hold", registry=r
+        )
+        self.kv_used = Gauge(
+            "veq_kv_cache_used_tokens", "Token positions in use by running sequences", registry=r
+        )
+        self.kv_free_slots = Gauge(
+            "veq_kv_cache_free_slots", "KV slots free for new sequences", registry=r
         )
         self.memory = Gauge("veq_memory_bytes", "Process memory", ["kind"], registry=r)
 
@@ -86,7 +95,11 @@ class Metrics:
             self.queue.set(engine.waiting)
             self.running.set(engine.active)
             self.weight_bytes.set(engine.runner.info.weight_bytes)
-            self.kv_bytes.set(engine.kv_bytes())
+            kv = engine.kv_stats()
+            self.kv_bytes.set(kv["reserved_bytes"])
+            self.kv_capacity.set(kv["capacity_tokens"])
+            self.kv_used.set(kv["used_tokens"])
+            self.kv_free_slots.set(kv["free_slots"])
         for kind, value in memory_stats().items():
             self.memory.labels(kind).set(value)
         return generate_latest(self.registry)
@@ -221,27 +234,17 @@ def weight_accounting(model: nn.Module) -> dict[str, Any]:
 
 
 def kv_cache_geometry(runner: ModelRunner, max_model_len: int) -> dict[str, Any]:
-    """KV-cache bytes per token and per sequence of `max_model_len` tokens, from the config.
-
-    Per token: layers × key/value heads × (key + value head dim) × the activation dtype's size
-    (the engine keeps the cache in the model's dtype). DeepSeek-style latent attention caches
-    full keys (nope + rope dims) and values per head, as transformers does.
-    """
-    cfg = runner.text.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    if getattr(cfg, "qk_nope_head_dim", None) is not None:
-        dk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        dv = cfg.v_head_dim
-    else:
-        dk = dv = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_token = len(runner.layers) * heads * (dk + dv) * runner.dtype.itemsize
+    """KV-cache bytes per token and per sequence of `max_model_len` tokens
+    (`ModelRunner.kv_geometry`: layers × key/value heads × (key + value head dim) × the
+    activation dtype's size; the engine keeps the cache in the model's dtype)."""
+    g = runner.kv_geometry()
     return {
-        "bytes_per_token": per_token,
+        "bytes_per_token": g.bytes_per_token,
         "max_model_len": max_model_len,
-        "bytes_per_sequence": per_token * max_model_len,
-        "dtype": str(runner.dtype).removeprefix("torch."),
-        "layers": len(runner.layers),
-        "kv_heads": heads,
-        "head_dim_k": dk,
-        "head_dim_v": dv,
+        "bytes_per_sequence": g.bytes_per_token * max_model_len,
+        "dtype": str(g.dtype).removeprefix("torch."),
+        "layers": g.layers,
+        "kv_heads": g.heads,
+        "head_dim_k": g.dk,
+        "head_dim_v": g.dv,
     }

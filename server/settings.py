@@ -105,6 +105,20 @@ class ServeSettings(BaseSettings):
     max_tokens_limit: int = Field(
         1024, ge=1, description="Largest max_tokens (max_completion_tokens) a request may ask."
     )
+    kv_cache_memory: int | None = Field(
+        None,
+        ge=1,
+        description="Bytes preallocated for the KV cache, in slots of --max-model-len tokens; "
+        "default: on CUDA what --gpu-memory-utilization leaves after the model, on CPU "
+        "--max-batch slots.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Share of the GPU's memory this server may take (model + KV cache) when "
+        "--kv-cache-memory is not given.",
+    )
 
     # --- Input limits --------------------------------------------------------------------------
     max_images_per_request: int = Field(
@@ -311,6 +325,8 @@ _FLAG_TYPES: dict[str, Any] = {
     "max_queue": int,
     "max_model_len": int,
     "max_tokens_limit": int,
+    "kv_cache_memory": int,
+    "gpu_memory_utilization": float,
     "max_images_per_request": int,
     "max_image_pixels": int,
     "max_image_bytes": int,

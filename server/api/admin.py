@@ -79,7 +79,7 @@ async def stats(state: State) -> dict:
         "dtype": str(runner.dtype).removeprefix("torch."),
         "weights": weight_accounting(runner.model),
         "kv_cache_bytes": engine.kv_bytes(),
-        "kv_cache": kv_cache_geometry(runner, state.settings.max_model_len),
+        "kv_cache": kv_cache_geometry(runner, state.settings.max_model_len) | engine.kv_stats(),
         "memory": memory_stats(),
         "engine": {
             "running": engine.active,

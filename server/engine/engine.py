@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.kv import BatchKVCache
+from server.engine.kv import KVPool
 from server.engine.runner import ModelRunner
 from server.engine.sampling import sample, suppress_eos
 from server.engine.types import FinishReason, GenerationEvent, GenerationRequest
@@ -55,6 +55,8 @@ class _Seq:
     runner: ModelRunner
     position: int
     generator: torch.Generator | None
+    slot: int = -1
+    """Its KV-cache slot (`KVPool`), owned until the sequence ends."""
     tokens: list[int] = field(default_factory=list)
     emitted: int = 0
     last_token_at: float = 0.0
@@ -111,7 +113,6 @@ class _Seq:
 @dataclass
 class _Batch:
     runner: ModelRunner
-    kv: BatchKVCache = field(default_factory=BatchKVCache)
     seqs: list[_Seq] = field(default_factory=list)
 
 
@@ -125,9 +126,16 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 64,
         max_prefill_tokens: int = 8192,
+        max_model_len: int = 4096,
+        kv_slots: int | None = None,
         observer: EngineObserver | None = None,
     ) -> None:
+        """`kv_slots` sequences of `max_model_len` tokens get a KV slot each, preallocated now
+        (default: `max_batch`); requests beyond the free slots wait in the queue."""
         self._runner = runner
+        self.kv = KVPool(
+            runner.kv_geometry(), kv_slots or max_batch, max_model_len, runner.device
+        )
         self.max_prefill_tokens = max_prefill_tokens
         # OpenMP thread counts are per OS thread: carry the creator's setting into ours.
         self._threads = torch.get_num_threads()
@@ -193,14 +201,33 @@ class Engine:
         return self._accepting and not self._stopping
 
     def swap(self, runner: ModelRunner) -> ModelRunner:
-        """Serve new requests with `runner` from the next step on; returns the old runner."""
+        """Serve new requests with `runner` from the next step on; returns the old runner.
+        Its cache must have the same shape per token: it shares the preallocated slots."""
+        if runner.kv_geometry() != self.kv.geometry:
+            raise ValueError(
+                f"the new model's KV cache ({runner.kv_geometry()}) does not fit the slots "
+                f"allocated for the current one ({self.kv.geometry})"
+            )
         with self._cond:
             old, self._runner = self._runner, runner
             self._cond.notify_all()
         return old
 
     def kv_bytes(self) -> int:
-        return sum(b.kv.nbytes() for b in self._batches)
+        """Bytes reserved for the KV cache (every slot, used or not)."""
+        return self.kv.nbytes()
+
+    def kv_stats(self) -> dict[str, int]:
+        """KV capacity and use, for `/admin/stats` and `/metrics`."""
+        kv = self.kv
+        return {
+            "reserved_bytes": kv.nbytes(),
+            "slots": kv.slots,
+            "free_slots": kv.free_slots,
+            "slot_tokens": kv.max_len,
+            "capacity_tokens": kv.capacity_tokens,
+            "used_tokens": kv.used_tokens(),
+        }
 
     # -- the asyncio side -----------------------------------------------------------------
 
@@ -251,7 +278,8 @@ class Engine:
                 if self._stopping:
                     return
                 admit = []
-                room = self.max_batch - self.active
+                # A request is admitted when it can have a KV slot as well as a batch row.
+                room = min(self.max_batch - self.active, self.kv.free_slots)
                 while self._waiting and len(admit) < max(room, 0):
                     admit.append(self._waiting.popleft())
                 runner = self._runner
@@ -267,6 +295,7 @@ class Engine:
                     self._step(batch)
                 except Exception as exc:
                     self._fail([s.req for s in batch.seqs], exc, "decode step")
+                    self._keep(batch, [])
                     self._batches.remove(batch)
 
     def _batch_for(self, runner: ModelRunner) -> _Batch:
@@ -316,9 +345,15 @@ class Engine:
                 self.observer.on_first_token(now - req.created)
                 seq.last_token_at = now
                 if self._deliver(seq, token):
-                    batch = self._batch_for(runner)
-                    batch.kv.add(pre.keys, pre.values)
-                    batch.seqs.append(seq)
+                    slot = self.kv.allocate()
+                    assert slot is not None  # admission left a slot for every request
+                    try:
+                        self.kv.write(slot, pre.keys, pre.values)
+                    except Exception:
+                        self.kv.release(slot)
+                        raise
+                    seq.slot = slot
+                    self._batch_for(runner).seqs.append(seq)
 
     def _deliver(self, seq: _Seq, token: int) -> bool:
         """Emit the token's text; False when the sequence is finished."""
@@ -344,8 +379,7 @@ class Engine:
                 self._emit(s.req, GenerationEvent(finish_reason="cancelled"))
                 self.observer.on_finish("cancelled", s.req.prompt_tokens, len(s.tokens))
         if len(live) != len(batch.seqs):
-            batch.kv.keep(live)
-            batch.seqs = [batch.seqs[i] for i in live]
+            self._keep(batch, live)
         if not batch.seqs:
             self._batches.remove(batch)
             return
@@ -357,7 +391,7 @@ class Engine:
         self.observer.on_step(b)
         last = [s.tokens[-1] for s in batch.seqs]
         positions = torch.tensor([s.position for s in batch.seqs])
-        logits = batch.runner.decode(last, positions, batch.kv)
+        logits = batch.runner.decode(last, positions, self.kv.batch([s.slot for s in batch.seqs]))
         finite = torch.isfinite(logits).all(-1).tolist()
         if not all(finite):
             # A row whose logits are not finite ends alone; the rest sample as usual.
@@ -365,8 +399,7 @@ class Engine:
             bad = [s.req for s, ok in zip(batch.seqs, finite, strict=True) if not ok]
             self._fail(bad, NonFiniteLogits(), "decode")
             logits = logits[good]
-            batch.seqs = [batch.seqs[i] for i in good]
-            batch.kv.keep(good)
+            self._keep(batch, good)
             if not batch.seqs:
                 self._batches.remove(batch)
                 return
@@ -385,10 +418,17 @@ class Engine:
             if self._deliver(seq, token):
                 keep.append(i)
         if len(keep) != b:
-            batch.kv.keep(keep)
-            batch.seqs = [batch.seqs[i] for i in keep]
+            self._keep(batch, keep)
         if not batch.seqs:
             self._batches.remove(batch)
+
+    def _keep(self, batch: _Batch, rows: list[int]) -> None:
+        """Keep only `rows` of `batch`; the others' slots go back to the pool."""
+        kept = set(rows)
+        for i, seq in enumerate(batch.seqs):
+            if i not in kept:
+                self.kv.release(seq.slot)
+        batch.seqs = [batch.seqs[i] for i in rows]
 
     def _fail(self, reqs: list[GenerationRequest], exc: Exception, where: str) -> None:
         """End `reqs` (those not already finished) with an error event for `exc`."""

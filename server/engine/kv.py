@@ -1,82 +1,150 @@
-"""The running batch's KV cache: one padded buffer per layer, one write position per row.
+"""The KV cache: static slots preallocated at start from a memory budget (gpt-fast's layout).
 
-Rows are sequences of different lengths: row b holds `lengths[b]` valid positions; decoding
-writes each row's new key/value at its own position, and the attention mask hides the padding.
-Rows join (a prefilled sequence's K/V) and leave (finished) between steps. It implements the
-one method transformers' attention modules call, `update(k, v, layer_idx, ...)`.
+`KVPool` holds, per layer, `keys [S, Hk, L, Dk]` and `values [S, Hk, L, Dv]`: S slots of
+L = `max_model_len` positions each, allocated once, so running out of memory shows at boot and
+never mid-request. A sequence owns one slot from admission to its end; joining writes its
+prefill into that slot and leaving frees it, and neither moves any other sequence's cache.
+Static slots rather than paged blocks: every sequence fits in one slot by construction (the
+server refuses prompt + max_tokens beyond `max_model_len`), decode shapes depend only on the
+slots in use (what CUDA graphs need), and transformers' attention modules take a plain
+`[B, Hk, L, D]` view rather than a block table. The price is memory: a slot reserves
+`max_model_len` positions whatever its sequence's length, so a budget admits fewer short
+sequences than paging would.
 
-Shape legend: B rows, Hk key/value heads, L capacity, D head dim (may differ for K and V).
+`SlotBatch` is the view one decode step works on (the slots of one batch), implementing the
+one method transformers' attention modules call, `update(k, v, layer_idx, ...)`. The lowest
+free slot is always taken, so a batch's slots are usually one contiguous range and its K/V one
+view; otherwise they are gathered for the step.
+
+Shape legend: S slots, B rows of a batch, Hk key/value heads, L slot length, D head dim.
 """
 
 from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-class BatchKVCache:
-    def __init__(self) -> None:
-        self.keys: list[Tensor] = []  # per layer [B, Hk, L, Dk]
-        self.values: list[Tensor] = []  # per layer [B, Hk, L, Dv]
-        self.lengths = torch.zeros(0, dtype=torch.long)
+class KVBudgetError(ValueError):
+    """The budget holds no sequence of `max_model_len` tokens."""
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """Per-token shape of one model's cache: `layers × heads × (dk + dv)` elements."""
+
+    layers: int
+    heads: int
+    dk: int
+    dv: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layers * self.heads * (self.dk + self.dv) * self.dtype.itemsize
+
+    def slots_for(self, budget_bytes: int, max_len: int) -> int:
+        return budget_bytes // (self.bytes_per_token * max_len)
+
+
+class KVPool:
+    """Slots of preallocated K/V on `device`; `lengths [S]` counts each slot's valid positions."""
+
+    def __init__(
+        self, geometry: KVGeometry, slots: int, max_len: int, device: torch.device | str = "cpu"
+    ) -> None:
+        if slots < 1:
+            raise KVBudgetError("the KV cache needs at least one slot")
+        g = geometry
+        self.geometry, self.slots, self.max_len = g, slots, max_len
+        self.keys = [
+            torch.zeros(slots, g.heads, max_len, g.dk, dtype=g.dtype, device=device)
+            for _ in range(g.layers)
+        ]
+        self.values = [
+            torch.zeros(slots, g.heads, max_len, g.dv, dtype=g.dtype, device=device)
+            for _ in range(g.layers)
+        ]
+        self.lengths = torch.zeros(slots, dtype=torch.long)
+        self._free = list(range(slots))  # a min-heap: the lowest free slot first
+
+    # -- accounting ----------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def nbytes(self) -> int:
+        """Bytes reserved (all slots, used or not)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.slots * self.max_len
+
+    def used_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    # -- slots ---------------------------------------------------------------------------
+
+    def allocate(self) -> int | None:
+        """The lowest free slot (now owned by the caller), or None when all are taken."""
+        return heapq.heappop(self._free) if self._free else None
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        heapq.heappush(self._free, slot)
+
+    def write(self, slot: int, keys: list[Tensor], values: list[Tensor]) -> None:
+        """Put a prefill's cache (per layer `[1, Hk, n, D]`) at the start of `slot`."""
+        n = int(keys[0].shape[2])
+        if n > self.max_len:
+            raise ValueError(f"{n} positions do not fit a slot of {self.max_len}")
+        for buf, k in zip(self.keys, keys, strict=True):
+            buf[slot, :, :n] = k[0]
+        for buf, v in zip(self.values, values, strict=True):
+            buf[slot, :, :n] = v[0]
+        self.lengths[slot] = n
+
+    def batch(self, slots: list[int]) -> SlotBatch:
+        return SlotBatch(self, slots)
+
+
+class SlotBatch:
+    """One decode step over `slots` (one row each, in this order)."""
+
+    def __init__(self, pool: KVPool, slots: list[int]) -> None:
+        self.pool = pool
+        self.slots = slots
+        lo = slots[0]
+        contiguous = slots == list(range(lo, lo + len(slots)))
+        self._rows: slice | Tensor = (
+            slice(lo, lo + len(slots))
+            if contiguous
+            else torch.tensor(slots, device=pool.keys[0].device)
+        )
+        self._index = torch.tensor(slots)
+        self._top = 0
 
     @property
     def rows(self) -> int:
-        return int(self.lengths.numel())
+        return len(self.slots)
 
     @property
-    def capacity(self) -> int:
-        return int(self.keys[0].shape[2]) if self.keys else 0
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-    def _grow(self, needed: int) -> None:
-        if needed <= self.capacity:
-            return
-        new = max(needed, 2 * self.capacity, 64)
-        pad = new - self.capacity
-        self.keys = [torch.nn.functional.pad(k, (0, 0, 0, pad)) for k in self.keys]
-        self.values = [torch.nn.functional.pad(v, (0, 0, 0, pad)) for v in self.values]
-
-    def add(self, keys: list[Tensor], values: list[Tensor]) -> None:
-        """Append a sequence: per layer `[1, Hk, S, D]` (a prefill's cache)."""
-        length = int(keys[0].shape[2])
-        if not self.keys:
-            self.keys = [k.clone() for k in keys]
-            self.values = [v.clone() for v in values]
-            self.lengths = torch.tensor([length])
-            return
-        self._grow(length)
-        cap = self.capacity
-        self.keys = [
-            torch.cat([buf, torch.nn.functional.pad(k, (0, 0, 0, cap - length)).to(buf)])
-            for buf, k in zip(self.keys, keys, strict=True)
-        ]
-        self.values = [
-            torch.cat([buf, torch.nn.functional.pad(v, (0, 0, 0, cap - length)).to(buf)])
-            for buf, v in zip(self.values, values, strict=True)
-        ]
-        self.lengths = torch.cat([self.lengths, torch.tensor([length])])
-
-    def keep(self, rows: list[int]) -> None:
-        """Drop every row not in `rows` (finished sequences); trims unused capacity."""
-        if not rows:
-            self.keys, self.values, self.lengths = [], [], torch.zeros(0, dtype=torch.long)
-            return
-        idx = torch.tensor(rows, device=self.keys[0].device)
-        self.lengths = self.lengths[torch.tensor(rows)]
-        top = int(self.lengths.max())
-        self.keys = [k.index_select(0, idx)[:, :, :top] for k in self.keys]
-        self.values = [v.index_select(0, idx)[:, :, :top] for v in self.values]
+    def lengths(self) -> Tensor:
+        return self.pool.lengths[self._index]
 
     def begin_step(self) -> Tensor:
-        """Make room for one new token per row; returns the additive mask `[B, 1, 1, L]` (0 for
-        the valid positions including the new one, -inf for padding) in fp32."""
-        self._grow(int(self.lengths.max()) + 1)
-        top = int(self.lengths.max()) + 1
-        pos = torch.arange(top)
-        valid = pos.unsqueeze(0) <= self.lengths.unsqueeze(1)
+        """Returns the additive mask `[B, 1, 1, top]` (0 for the valid positions including the
+        new one, -inf elsewhere) in fp32; `top` = the longest row + 1."""
+        lengths = self.lengths
+        self._top = int(lengths.max()) + 1
+        if self._top > self.pool.max_len:
+            raise ValueError("a sequence outgrew its slot (max_model_len)")
+        valid = torch.arange(self._top).unsqueeze(0) <= lengths.unsqueeze(1)
         mask = torch.zeros(valid.shape, dtype=torch.float32)
         mask[~valid] = float("-inf")
         return mask[:, None, None, :]
@@ -84,16 +152,16 @@ class BatchKVCache:
     def update(
         self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[Tensor, Tensor]:
-        """Write `key/value: [B, Hk, 1, D]` at each row's position; return `[B, Hk, L, D]`."""
-        rows = torch.arange(self.rows, device=key.device)
+        """Write `key/value: [B, Hk, 1, D]` at each row's position; return `[B, Hk, top, D]`."""
+        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        slots = self._index.to(key.device)
         pos = self.lengths.to(key.device)
-        self.keys[layer_idx][rows, :, pos] = key[:, :, 0].to(self.keys[layer_idx])
-        self.values[layer_idx][rows, :, pos] = value[:, :, 0].to(self.values[layer_idx])
-        top = int(self.lengths.max()) + 1
-        return self.keys[layer_idx][:, :, :top], self.values[layer_idx][:, :, :top]
+        keys[slots, :, pos] = key[:, :, 0].to(keys.dtype)
+        values[slots, :, pos] = value[:, :, 0].to(values.dtype)
+        return keys[self._rows, :, : self._top], values[self._rows, :, : self._top]
 
     def end_step(self) -> None:
-        self.lengths = self.lengths + 1
+        self.pool.lengths[self._index] += 1
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.lengths.max()) if self.rows else 0
+        return int(self.lengths.max()) if self.slots else 0

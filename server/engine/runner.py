@@ -2,7 +2,8 @@
 
 Prefill runs the model's own forward (vision tower, image merging, multimodal RoPE) on one
 request and hands back its KV cache; decode runs the decoder layers directly on the whole batch
-with `BatchKVCache` and a padding mask, so rows of different lengths advance together.
+against the engine's KV slots (`SlotBatch`) and a padding mask, so rows of different lengths
+advance together.
 
 Shape legend: B batch rows, S prompt length, V vocabulary.
 """
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from server.engine.kv import BatchKVCache
+from server.engine.kv import KVGeometry, SlotBatch
 from veq.models import decoder_layers, get_architecture, get_module
 from veq.models.patch_embed import linearize_patch_embeddings
 
@@ -78,10 +79,22 @@ class ModelRunner:
         self.eos_ids = {int(e) for e in eos if e is not None}
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
+    def kv_geometry(self) -> KVGeometry:
+        """The cache's shape per token, from the config, in the activation dtype: key/value
+        heads and head dims per layer (DeepSeek-style latent attention caches full keys, nope
+        and rope dims, and values per head, as transformers does)."""
+        cfg = self.text.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        if getattr(cfg, "qk_nope_head_dim", None) is not None:
+            dk, dv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        else:
+            dk = dv = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return KVGeometry(len(self.layers), heads, dk, dv, self.dtype)
+
     def _collate(self, batch: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[int]]:
         """Right-pad a list of single-request inputs into one batch; returns it and the lengths.
 
-        Right padding keeps each row's valid positions at [0, S_b), the layout `BatchKVCache`
+        Right padding keeps each row's valid positions at [0, S_b), the layout a KV slot
         uses, so a row's prefill cache moves into the running batch without shifting."""
         lengths = [int(x["input_ids"].shape[1]) for x in batch]
         top = max(lengths)
@@ -148,7 +161,7 @@ class ModelRunner:
         return results
 
     @torch.no_grad()
-    def decode(self, tokens: list[int], positions: Tensor, kv: BatchKVCache) -> Tensor:
+    def decode(self, tokens: list[int], positions: Tensor, kv: SlotBatch) -> Tensor:
         """Feed one token per row (`tokens` [B], RoPE `positions` [B]); returns logits [B, V]."""
         b = len(tokens)
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)

@@ -146,13 +146,14 @@ def mini_server(tmp_path_factory):
 
 @pytest.fixture
 def server_factory(tiny_dir, tmp_path):
-    """`server_factory(**settings)` -> a started LiveServer (stopped after the test)."""
+    """`server_factory(**settings)` -> a started LiveServer (stopped after the test);
+    `server_factory(start=False, ...)` leaves starting it to the test."""
     started: list[LiveServer] = []
 
-    def start(**overrides) -> LiveServer:
-        server = LiveServer(make_settings(tiny_dir, tmp_path / "cache", **overrides)).start()
+    def start(start: bool = True, **overrides) -> LiveServer:
+        server = LiveServer(make_settings(tiny_dir, tmp_path / "cache", **overrides))
         started.append(server)
-        return server
+        return server.start() if start else server
 
     yield start
     for server in started:

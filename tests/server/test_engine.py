@@ -95,7 +95,8 @@ def test_cancelled_request_leaves_the_batch(setup):
 
     try:
         assert asyncio.run(run()) == 3
-        assert engine.active == 0 and engine.kv_bytes() == 0
+        kv = engine.kv_stats()
+        assert engine.active == 0 and kv["used_tokens"] == 0 and kv["free_slots"] == kv["slots"]
     finally:
         engine.stop()
 
@@ -141,3 +142,34 @@ def test_eos_stops_unless_ignored_and_min_tokens_suppresses_it(setup):
         assert tokens[:first_eos] == reference[:first_eos]
     finally:
         engine.stop()
+
+
+def test_requests_beyond_the_free_kv_slots_wait_and_match_greedy(setup):
+    model, processor, _ = setup
+    runner = ModelRunner(model, processor, ModelInfo("tiny", "none", 16, None, 0))
+    runner.eos_ids = set()
+    engine = Engine(runner, max_batch=8, max_model_len=64, kv_slots=2)
+    engine.start()
+    prompts = []
+    for i in range(5):
+        ids = torch.tensor([[10 + i, *range(40, 44 + 3 * i)]])
+        prompts.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    lengths = [7, 3, 5, 2, 6]  # sequences end at different steps: later ones take freed slots
+
+    async def run():
+        async def one(inputs, n):
+            req = GenerationRequest(inputs, SamplingParams(max_tokens=n, temperature=0))
+            return [t async for e in engine.generate(req) for t in e.token_ids]
+
+        return await asyncio.wait_for(
+            asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths, strict=True))), 120
+        )
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert engine.max_batch_seen == 2  # two slots: never more rows than that
+    for inputs, n, tokens in zip(prompts, lengths, got, strict=True):
+        assert tokens == greedy_reference(model, inputs, n)
+    assert engine.kv_stats()["free_slots"] == 2
