@@ -105,6 +105,13 @@ class ServeSettings(BaseSettings):
     max_tokens_limit: int = Field(
         1024, ge=1, description="Largest max_tokens (max_completion_tokens) a request may ask."
     )
+    max_step_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Tokens one engine step may compute: its decode rows plus chunks of prompts "
+        "longer than this, so a long prompt does not stall decoding; default: 96 on CPU, "
+        "2048 on CUDA.",
+    )
     kv_cache_memory: int | None = Field(
         None,
         ge=1,
@@ -326,6 +333,7 @@ _FLAG_TYPES: dict[str, Any] = {
     "max_model_len": int,
     "max_tokens_limit": int,
     "kv_cache_memory": int,
+    "max_step_tokens": int,
     "gpu_memory_utilization": float,
     "max_images_per_request": int,
     "max_image_pixels": int,

@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from server.engine.kv import KVPool
-from server.engine.runner import ModelRunner
+from server.engine.runner import ChunkedPrefill, ModelRunner
 from server.engine.sampling import sample, suppress_eos
 from server.engine.types import FinishReason, GenerationEvent, GenerationRequest
 
@@ -111,6 +112,17 @@ class _Seq:
 
 
 @dataclass
+class _Chunked:
+    """A request whose prompt is being prefilled in chunks into `slot`."""
+
+    req: GenerationRequest
+    runner: ModelRunner
+    slot: int
+    job: ChunkedPrefill | None = None
+    """None until its turn: started one at a time, so arrivals do not pile up in one step."""
+
+
+@dataclass
 class _Batch:
     runner: ModelRunner
     seqs: list[_Seq] = field(default_factory=list)
@@ -128,22 +140,26 @@ class Engine:
         max_prefill_tokens: int = 8192,
         max_model_len: int = 4096,
         kv_slots: int | None = None,
+        max_step_tokens: int | None = None,
         observer: EngineObserver | None = None,
     ) -> None:
         """`kv_slots` sequences of `max_model_len` tokens get a KV slot each, preallocated now
-        (default: `max_batch`); requests beyond the free slots wait in the queue."""
+        (default: `max_batch`); requests beyond the free slots wait in the queue. With
+        `max_step_tokens`, a prompt longer than that is prefilled in chunks between decode
+        steps, each step's decode rows and prefill positions together within it; without, every
+        prompt is prefilled whole at admission."""
         self._runner = runner
-        self.kv = KVPool(
-            runner.kv_geometry(), kv_slots or max_batch, max_model_len, runner.device
-        )
+        self.kv = KVPool(runner.kv_geometry(), kv_slots or max_batch, max_model_len, runner.device)
         self.max_prefill_tokens = max_prefill_tokens
         # OpenMP thread counts are per OS thread: carry the creator's setting into ours.
         self._threads = torch.get_num_threads()
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.observer = observer or EngineObserver()
+        self.max_step_tokens = max_step_tokens
         self._waiting: deque[GenerationRequest] = deque()
         self._batches: list[_Batch] = []
+        self._chunking: list[_Chunked] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -178,9 +194,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        for req in list(self._waiting):
+        for req in [*self._waiting, *(c.req for c in self._chunking)]:
             self._emit(req, GenerationEvent(finish_reason="cancelled"))
         self._waiting.clear()
+        self._chunking.clear()
 
     # -- state ----------------------------------------------------------------------------
 
@@ -194,7 +211,8 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return sum(len(b.seqs) for b in self._batches)
+        """Requests holding a KV slot: decoding, or being prefilled in chunks."""
+        return sum(len(b.seqs) for b in self._batches) + len(self._chunking)
 
     @property
     def accepting(self) -> bool:
@@ -273,7 +291,12 @@ class Engine:
         torch.set_num_threads(self._threads)
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._batches:
+                while (
+                    not self._stopping
+                    and not self._waiting
+                    and not self._batches
+                    and not self._chunking
+                ):
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -290,13 +313,19 @@ class Engine:
                     self._admit(admit, runner)
                 except Exception as exc:
                     self._fail(admit, exc, "admission")
+            decoded = 0
             for batch in list(self._batches):
+                decoded += len(batch.seqs)
                 try:
                     self._step(batch)
                 except Exception as exc:
                     self._fail([s.req for s in batch.seqs], exc, "decode step")
                     self._keep(batch, [])
                     self._batches.remove(batch)
+            if self._chunking:
+                # The step's token budget: what decoding left of it goes to long prompts.
+                assert self.max_step_tokens is not None
+                self._advance_chunks(max(self.max_step_tokens - decoded, 1))
 
     def _batch_for(self, runner: ModelRunner) -> _Batch:
         for batch in self._batches:
@@ -308,11 +337,14 @@ class Engine:
 
     def _admit(self, reqs: list[GenerationRequest], runner: ModelRunner) -> None:
         """Prefill newcomers together (bounded by `max_prefill_tokens`), sample their first
-        tokens, and add the unfinished ones to the runner's batch."""
+        tokens, and add the unfinished ones to the runner's batch. Prompts longer than the step
+        budget start a chunked prefill instead (`_advance_chunks`)."""
         live = []
         for req in reqs:
             if req.cancelled:
                 self._emit(req, GenerationEvent(finish_reason="cancelled"))
+            elif self._chunks(req, runner):
+                self._start_chunked(req, runner)
             else:
                 live.append(req)
         groups: list[list[GenerationRequest]] = []
@@ -330,30 +362,81 @@ class Engine:
                 self._fail(group, exc, "prefill")
                 continue
             for req, pre in zip(group, prefills, strict=True):
-                if not bool(torch.isfinite(pre.logits).all()):
-                    self._fail([req], NonFiniteLogits(), "prefill")
-                    continue
-                gen = (
-                    torch.Generator().manual_seed(req.params.seed)
-                    if req.params.seed is not None
-                    else None
-                )
-                seq = _Seq(req, runner, pre.next_position, gen)
-                logits = suppress_eos(pre.logits.unsqueeze(0), [req.params], [0], runner.eos_ids)
-                token = sample(logits, [req.params], [gen])[0]
-                now = time.monotonic()
-                self.observer.on_first_token(now - req.created)
-                seq.last_token_at = now
-                if self._deliver(seq, token):
-                    slot = self.kv.allocate()
-                    assert slot is not None  # admission left a slot for every request
-                    try:
-                        self.kv.write(slot, pre.keys, pre.values)
-                    except Exception:
-                        self.kv.release(slot)
-                        raise
-                    seq.slot = slot
-                    self._batch_for(runner).seqs.append(seq)
+                slot = self.kv.allocate()
+                assert slot is not None  # admission left a slot for every request
+                try:
+                    self.kv.write(slot, pre.keys, pre.values)
+                except Exception:
+                    self.kv.release(slot)
+                    raise
+                self._first_token(req, runner, slot, pre.logits, pre.next_position)
+
+    def _first_token(
+        self, req: GenerationRequest, runner: ModelRunner, slot: int, logits: Tensor, position: int
+    ) -> None:
+        """Sample a prefilled request's first token from `logits [V]`; the sequence joins its
+        runner's batch with `slot` (its prompt's cache) unless it is already finished."""
+        if not bool(torch.isfinite(logits).all()):
+            self.kv.release(slot)
+            self._fail([req], NonFiniteLogits(), "prefill")
+            return
+        gen = (
+            torch.Generator().manual_seed(req.params.seed) if req.params.seed is not None else None
+        )
+        seq = _Seq(req, runner, position, gen, slot)
+        masked = suppress_eos(logits.unsqueeze(0), [req.params], [0], runner.eos_ids)
+        token = sample(masked, [req.params], [gen])[0]
+        now = time.monotonic()
+        self.observer.on_first_token(now - req.created)
+        seq.last_token_at = now
+        if self._deliver(seq, token):
+            self._batch_for(runner).seqs.append(seq)
+        else:
+            self.kv.release(slot)
+
+    # -- chunked prefill ------------------------------------------------------------------
+
+    def _chunks(self, req: GenerationRequest, runner: ModelRunner) -> bool:
+        return (
+            self.max_step_tokens is not None
+            and runner.chunked_prefill
+            and req.prompt_tokens > self.max_step_tokens
+        )
+
+    def _start_chunked(self, req: GenerationRequest, runner: ModelRunner) -> None:
+        """Take a slot; the prompt waits its turn (`_advance_chunks` starts it)."""
+        slot = self.kv.allocate()
+        assert slot is not None  # admission left a slot for every request
+        self._chunking.append(_Chunked(req, runner, slot))
+
+    def _advance_chunks(self, budget: int) -> None:
+        """Prefill up to `budget` positions of the waiting chunked prompts, oldest first; a
+        prompt that completes samples its first token and joins its batch."""
+        while self._chunking and budget > 0:
+            c = self._chunking[0]
+            if c.req.finished:  # ended by a failure elsewhere in its admission
+                self._chunking.pop(0)
+                self.kv.release(c.slot)
+                continue
+            if c.req.cancelled:
+                self._chunking.pop(0)
+                self.kv.release(c.slot)
+                self._emit(c.req, GenerationEvent(finish_reason="cancelled"))
+                continue
+            try:
+                if c.job is None:  # everything before the decoder (vision tower, embeddings)
+                    c.job = c.runner.start_prefill(c.req.inputs)
+                n = min(c.job.remaining, budget)
+                logits = c.runner.prefill_chunk(c.job, self.kv.chunk(c.slot, n))
+            except Exception as exc:
+                self._chunking.pop(0)
+                self.kv.release(c.slot)
+                self._fail([c.req], exc, "prefill")
+                continue
+            budget -= n
+            if logits is not None:
+                self._chunking.pop(0)
+                self._first_token(c.req, c.runner, c.slot, logits, c.job.next_position)
 
     def _deliver(self, seq: _Seq, token: int) -> bool:
         """Emit the token's text; False when the sequence is finished."""

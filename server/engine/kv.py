@@ -112,6 +112,9 @@ class KVPool:
     def batch(self, slots: list[int]) -> SlotBatch:
         return SlotBatch(self, slots)
 
+    def chunk(self, slot: int, n: int) -> SlotChunk:
+        return SlotChunk(self, slot, n)
+
 
 class SlotBatch:
     """One decode step over `slots` (one row each, in this order)."""
@@ -165,3 +168,39 @@ class SlotBatch:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.lengths.max()) if self.slots else 0
+
+
+class SlotChunk:
+    """`n` more prompt positions of one slot (chunked prefill): `update(k: [1, Hk, n, D])`
+    writes them after the slot's current length and returns the slot's `[1, Hk, len + n, D]`
+    (a view: nothing is copied)."""
+
+    def __init__(self, pool: KVPool, slot: int, n: int) -> None:
+        self.pool, self.slot, self.n = pool, slot, n
+        self.start = int(pool.lengths[slot])
+        if self.start + n > pool.max_len:
+            raise ValueError(f"{self.start + n} positions do not fit a slot of {pool.max_len}")
+
+    def causal_mask(self) -> Tensor:
+        """The additive mask `[1, 1, n, len + n]` in fp32: chunk row i sees positions up to
+        `len + i`."""
+        total = self.start + self.n
+        rows = torch.arange(self.start, total).unsqueeze(1)
+        mask = torch.zeros(self.n, total, dtype=torch.float32)
+        mask[torch.arange(total).unsqueeze(0) > rows] = float("-inf")
+        return mask[None, None]
+
+    def update(
+        self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        end = self.start + self.n
+        keys[self.slot, :, self.start : end] = key[0].to(keys.dtype)
+        values[self.slot, :, self.start : end] = value[0].to(values.dtype)
+        return keys[self.slot : self.slot + 1, :, :end], values[self.slot : self.slot + 1, :, :end]
+
+    def end_step(self) -> None:
+        self.pool.lengths[self.slot] += self.n
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start

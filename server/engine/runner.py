@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from server.engine.kv import KVGeometry, SlotBatch
+from server.engine.kv import KVGeometry, SlotBatch, SlotChunk
 from veq.models import decoder_layers, get_architecture, get_module
+from veq.models.capture import LayerInputs, capture_layer_inputs
 from veq.models.patch_embed import linearize_patch_embeddings
 
 
@@ -28,6 +29,21 @@ class Prefill:
     keys: list[Tensor]  # per layer [1, Hk, S, D]
     values: list[Tensor]
     next_position: int  # RoPE position of the first generated token
+
+
+@dataclass
+class ChunkedPrefill:
+    """A prompt prefilled a chunk at a time: decoder-layer-0 inputs for all its positions
+    (vision tower and embeddings already run) and how many positions are done."""
+
+    inputs: LayerInputs
+    length: int
+    next_position: int  # RoPE position of the first generated token
+    done: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.length - self.done
 
 
 @dataclass
@@ -160,6 +176,59 @@ class ModelRunner:
             )
         return results
 
+    @property
+    def chunked_prefill(self) -> bool:
+        """Whether long prompts can be prefilled in chunks (`start_prefill`): for the layouts
+        whose layer inputs `prefill_chunk` knows how to slice (Qwen3-VL-MoE)."""
+        return self.mrope
+
+    @torch.no_grad()
+    def start_prefill(self, inputs: dict[str, Tensor]) -> ChunkedPrefill:
+        """Run one request's vision tower and embeddings (everything before decoder layer 0)."""
+        x = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in x:
+            x["pixel_values"] = x["pixel_values"].to(self.dtype)
+        n = int(x["input_ids"].shape[1])
+        delta = 0
+        if "image_grid_thw" in x:
+            _, d = self.model.model.get_rope_index(
+                x["input_ids"],
+                mm_token_type_ids=x["mm_token_type_ids"],
+                image_grid_thw=x["image_grid_thw"],
+                attention_mask=x.get("attention_mask"),
+            )
+            delta = int(d.reshape(-1)[0])
+        return ChunkedPrefill(
+            capture_layer_inputs(self.model, self.arch, x, self.device), n, n + delta
+        )
+
+    @torch.no_grad()
+    def prefill_chunk(self, job: ChunkedPrefill, kv: SlotChunk) -> Tensor | None:
+        """Run the decoder over the next `kv.n` positions of `job` into its slot; the logits
+        `[V]` (fp32) of the last prompt position once the prompt is done, else None."""
+        a, b = job.done, job.done + kv.n
+        captured = job.inputs
+        cos, sin = captured.kwargs["position_embeddings"]
+        kwargs = dict(captured.kwargs)
+        kwargs.update(
+            attention_mask=kv.causal_mask().to(self.device, captured.hidden.dtype),
+            cache=kv,
+            use_cache=True,
+            position_embeddings=(cos[:, a:b], sin[:, a:b]),
+        )
+        post = _chunk_post_layer_kwargs(captured.text_kwargs, a, b)
+        hidden = captured.hidden[:, a:b]
+        for i, layer in enumerate(self.layers):
+            out = layer(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            if self.arch.post_layer is not None:
+                hidden = self.arch.post_layer(i, hidden, post)
+        kv.end_step()
+        job.done = b
+        if job.done < job.length:
+            return None
+        return self.lm_head(self.text.norm(hidden)[:, -1]).float()[0]
+
     @torch.no_grad()
     def decode(self, tokens: list[int], positions: Tensor, kv: SlotBatch) -> Tensor:
         """Feed one token per row (`tokens` [B], RoPE `positions` [B]); returns logits [B, V]."""
@@ -182,3 +251,14 @@ class ModelRunner:
             hidden = out[0] if isinstance(out, tuple) else out
         kv.end_step()
         return self.lm_head(self.text.norm(hidden)[:, -1]).float()
+
+
+def _chunk_post_layer_kwargs(text_kwargs: dict[str, Any], a: int, b: int) -> dict[str, Any]:
+    """Qwen3-VL's deepstack inputs for positions [a, b): the image-position mask's slice and
+    the rows of the visual features that belong to the image tokens inside it."""
+    mask = text_kwargs.get("visual_pos_masks")
+    embeds = text_kwargs.get("deepstack_visual_embeds")
+    if mask is None or embeds is None:
+        return {}
+    lo, hi = int(mask[:, :a].sum()), int(mask[:, :b].sum())
+    return {"visual_pos_masks": mask[:, a:b], "deepstack_visual_embeds": [e[lo:hi] for e in embeds]}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from server.engine import Engine, GenerationRequest, SamplingParams
+from server.engine.kv import KVPool
 from server.engine.runner import ModelInfo, ModelRunner
 from veq.calib.sources import builtin_conversations
 from veq.models.processor import build_processor
@@ -173,3 +174,60 @@ def test_requests_beyond_the_free_kv_slots_wait_and_match_greedy(setup):
     for inputs, n, tokens in zip(prompts, lengths, got, strict=True):
         assert tokens == greedy_reference(model, inputs, n)
     assert engine.kv_stats()["free_slots"] == 2
+
+
+def test_chunked_prefill_fills_the_same_cache_and_logits(setup):
+    """A prompt prefilled 7 positions at a time (images included: deepstack features land on
+    the chunk holding their tokens) leaves the cache and first-token logits of a whole one."""
+    model, processor, prompts = setup
+    runner = ModelRunner(model, processor, ModelInfo("tiny", "none", 16, None, 0))
+    pool = KVPool(runner.kv_geometry(), 2, 512)
+    for inputs in prompts:
+        whole = runner.prefill([inputs])[0]
+        job = runner.start_prefill(inputs)
+        slot = pool.allocate()
+        logits = None
+        while logits is None:
+            logits = runner.prefill_chunk(job, pool.chunk(slot, min(7, job.remaining)))
+        n = job.length
+        assert job.next_position == whole.next_position and int(pool.lengths[slot]) == n
+        torch.testing.assert_close(logits, whole.logits, rtol=1e-4, atol=1e-4)
+        for layer, key in enumerate(whole.keys):
+            torch.testing.assert_close(pool.keys[layer][slot, :, :n], key[0], rtol=1e-4, atol=1e-5)
+        pool.release(slot)
+
+
+def test_long_prompts_prefill_in_chunks_between_decode_steps_and_match_greedy(setup):
+    model, processor, prompts = setup
+    runner = ModelRunner(model, processor, ModelInfo("tiny", "none", 16, None, 0))
+    runner.eos_ids = set()
+    # Every prompt is longer than 24 positions: all of them go through chunked prefill while
+    # the ones already prefilled decode.
+    assert all(p["input_ids"].shape[1] > 24 for p in prompts)
+    engine = Engine(runner, max_batch=8, max_step_tokens=24)
+    engine.start()
+    chunks = []
+    real = runner.prefill_chunk
+
+    def spy(job, kv):
+        chunks.append(kv.n)
+        return real(job, kv)
+
+    runner.prefill_chunk = spy
+
+    async def run() -> list[list[int]]:
+        async def one(inputs: dict) -> list[int]:
+            req = GenerationRequest(inputs, SamplingParams(max_tokens=8, temperature=0))
+            return [t async for e in engine.generate(req) for t in e.token_ids]
+
+        return await asyncio.wait_for(asyncio.gather(*(one(p) for p in prompts)), 120)
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert chunks and max(chunks) <= 24
+    assert sum(chunks) == sum(int(p["input_ids"].shape[1]) for p in prompts)
+    for inputs, tokens in zip(prompts, got, strict=True):
+        assert tokens == greedy_reference(model, inputs, 8)
+    assert engine.kv_stats()["free_slots"] == engine.kv_stats()["slots"]

@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,26 +42,14 @@ from veq.models import (
     is_moe_layer,
     layer_linears,
 )
+from veq.models.capture import LayerInputs, capture_layer_inputs
+from veq.models.capture import to_device as _to
 from veq.quantizer import QuantizedWeight
 from veq.recipe import Recipe, allocate_expert_bits
 from veq.stats import ActivationStats, HessianAccumulator
 from veq.tokens import TokenKind
 
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    """Raised by the capture hook to stop the forward at the first decoder layer."""
-
-
-def _to(obj: Any, device: torch.device | str) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
 
 
 def _subsample(n: int, cap: int, device: torch.device | str) -> Tensor:
@@ -75,46 +62,19 @@ def _subsample(n: int, cap: int, device: torch.device | str) -> Tensor:
 class _Capture:
     """Layer-0 inputs of every sample, and the text model's kwargs for `post_layer`."""
 
-    def __init__(self) -> None:
-        self.hidden: list[Tensor] = []
-        self.kwargs: list[dict[str, Any]] = []
-        self.text_kwargs: list[dict[str, Any]] = []
+    def __init__(self, inputs: list[LayerInputs]) -> None:
+        self.hidden = [c.hidden for c in inputs]
+        self.kwargs = [c.kwargs for c in inputs]
+        self.text_kwargs = [c.text_kwargs for c in inputs]
 
 
-@torch.no_grad()
 def capture_inputs(
     model: nn.Module, arch: Architecture, samples: Sequence[CalibSample], device: torch.device
 ) -> _Capture:
     """Run each sample through the model up to decoder layer 0 and keep its inputs (on CPU)."""
-    text = get_module(model, arch.text_model)
-    layers = decoder_layers(model, arch)
-    cap = _Capture()
-
-    def text_hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
-        keep = ("visual_pos_masks", "deepstack_visual_embeds")
-        cap.text_kwargs.append({k: _to(kwargs.get(k), "cpu") for k in keep})
-
-    def layer_hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        cap.hidden.append(hidden.detach().cpu())
-        cap.kwargs.append(_to(kwargs, "cpu"))
-        raise _Stop
-
-    handles = [
-        text.register_forward_pre_hook(text_hook, with_kwargs=True),
-        layers[0].register_forward_pre_hook(layer_hook, with_kwargs=True),
-    ]
-    try:
-        for sample in samples:
-            try:
-                model(**_to(sample.inputs, device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return cap
+    return _Capture(
+        [capture_layer_inputs(model, arch, _to(sample.inputs, device), "cpu") for sample in samples]
+    )
 
 
 class _GroupStats:
