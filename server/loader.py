@@ -12,6 +12,7 @@ from typing import Any
 import veq
 from server.engine.runner import ModelInfo, ModelRunner, weight_bytes
 from veq.api import load_model, load_processor, resolve_device, resolve_model
+from veq.portability import Scheme
 from veq.recipe import Recipe
 
 
@@ -66,7 +67,7 @@ def build_runner(
         group_size,
         weight_bytes(model),
         str(result.path),
-        symmetric=recipe.symmetric_for(bits),
+        symmetric=Scheme.from_directory(result.path).symmetric,
         label=recipe.label,
     )
     return ModelRunner(model, processor, info)

@@ -154,6 +154,15 @@ def _state_without_quantized(
                 module, "gate_up_proj"
             ):
                 fused_expert_params |= {f"{name}.gate_up_proj", f"{name}.down_proj"}
+    # Weights the model class keeps in fp32 whatever the load dtype (DeepSeek-V3's router and
+    # its score-correction bias, which Kimi K2.5 uses) stay fp32: rounding them to bf16 could
+    # flip near-tied expert choices in the servers that load the checkpoint.
+    fp32 = {
+        name
+        for m in model.modules()
+        for attr in ("_keep_in_fp32_modules_strict", "_keep_in_fp32_modules")
+        for name in getattr(m, attr, None) or ()
+    }
     state = {}
     seen: set[tuple[int, int]] = set()
     # Tied tensors (lm_head = embed_tokens) are stored once; the loader re-ties them. Sorting
@@ -171,7 +180,8 @@ def _state_without_quantized(
         seen.add(ident)
         tensor = tensor.detach()
         if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+            keep = any(key == n or key.endswith("." + n) for n in fp32)
+            tensor = tensor.to(torch.float32 if keep else dtype)
         state[key] = tensor.cpu().contiguous()
     return state
 
@@ -228,13 +238,22 @@ def verify(directory: str | Path) -> bool:
     return True
 
 
+def _process_umask() -> int:
+    # Read once, at import: setting it to read it back is process-wide, and the server writes
+    # checkpoints from a requantization thread while others create files.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _process_umask()
+
+
 def _publish_modes(directory: Path) -> None:
     """The modes a plain `mkdir`/`open` would give (mkdtemp and some writers use 0700/0600),
     so a server running as another user (a container's) can read the directory."""
-    umask = os.umask(0)
-    os.umask(umask)
     for path in [directory, *directory.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
 
 
 @contextmanager

@@ -138,6 +138,10 @@ class QuantLinear(nn.Module):
             self._view = _PackedBuffers.get(self, "weight", self._meta)
         return self._view
 
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        self._view = None  # `.to(dtype)` replaces float buffers but keeps the integer ones
+        return super()._apply(fn, recurse)
+
     def weight_nbytes(self) -> int:
         """Bytes of the quantized weight buffers (codes, scales, zeros; bias excluded)."""
         return self.packed_weight().nbytes()
@@ -237,10 +241,14 @@ class QuantMoEExperts(nn.Module):
         """The experts as a `kernels.moe.weights.MoEWeights` (views of the buffers), built once
         and again only after the buffers move (`_apply`), as vLLM prepares kernel arguments
         once after loading rather than every forward. Rebuilt when the buffers were replaced."""
-        first = getattr(self, f"{self._groups['gate_up'][0][0]}_qweight")
+        first = getattr(self, f"{self._groups['gate_up'][0][0]}_qweight")  # replaced: rebuild
         if self._view is None or self._view.gate_up[0].weight.qweight is not first:
             self._view = self._build_moe_weights()
         return self._view
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantMoEExperts:
+        self._view = None  # `.to(dtype)` replaces float buffers but keeps the integer ones
+        return super()._apply(fn, recurse)
 
     def _build_moe_weights(self) -> MoEWeights:
         groups = {

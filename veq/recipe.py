@@ -8,7 +8,7 @@ weight; a recipe describes a whole model.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -78,6 +78,18 @@ class Recipe(BaseModel):
             raise ValueError(f"gamma must be 'auto' or a positive number, got {v}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_symmetric(cls, data: Any) -> Any:
+        # One width: the default is written out, so that leaving it out and naming it give the
+        # same recipe (and cache key). Mixed precision keeps None: each width its default.
+        if isinstance(data, dict) and data.get("symmetric") is None:
+            if data.get("mixed_precision") is None:
+                bits = data.get("bits", 4)
+                if bits in DEFAULT_SYMMETRIC:
+                    data = {**data, "symmetric": DEFAULT_SYMMETRIC[bits]}
+        return data
+
     @model_validator(mode="after")
     def _mixed(self) -> Recipe:
         if self.mixed_precision is not None and not 2.0 <= self.mixed_precision <= 8.0:
@@ -109,8 +121,17 @@ class Recipe(BaseModel):
         """Short human name, e.g. `veq-ma-w3g128` or `veq-mp2.5g128`."""
         g = f"g{self.group_size}" if self.group_size else "gch"
         bits = f"mp{self.mixed_precision:g}" if self.mixed_precision else f"w{self.bits}"
-        sym = "-sym" if self.symmetric_for(self.bits) else ""
+        sym = "-sym" if all(self.symmetric_for(b) for b in self.widths) else ""
         return f"{self.method}-{bits}{g}{sym}"
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Every weight width the recipe writes: `bits`, and under mixed precision the two
+        expert widths `allocate_expert_bits` chooses between."""
+        if self.mixed_precision is None:
+            return (self.bits,)
+        experts = (2, 4) if self.mixed_precision <= 4 else (4, 8)
+        return tuple(sorted({self.bits, *experts}))
 
 
 def allocate_expert_bits(importance: list[float], average: float) -> list[int]:

@@ -10,6 +10,7 @@ on the model they started with, whose batch then empties and is released.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import threading
 import time
@@ -193,11 +194,14 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._thread is not None and self._thread.is_alive():
+            log.warning("the engine thread did not stop in 10 s; ending its requests anyway")
+        else:
             self._thread = None
-        for req in [*self._waiting, *(c.req for c in self._chunking)]:
+        running = [s.req for b in self._batches for s in b.seqs]
+        for req in [*self._waiting, *(c.req for c in self._chunking), *running]:
             self._emit(req, GenerationEvent(finish_reason="cancelled"))
         self._waiting.clear()
-        self._chunking.clear()
 
     # -- state ----------------------------------------------------------------------------
 
@@ -313,19 +317,39 @@ class Engine:
                     self._admit(admit, runner)
                 except Exception as exc:
                     self._fail(admit, exc, "admission")
-            decoded = 0
-            for batch in list(self._batches):
-                decoded += len(batch.seqs)
-                try:
-                    self._step(batch)
-                except Exception as exc:
-                    self._fail([s.req for s in batch.seqs], exc, "decode step")
-                    self._keep(batch, [])
-                    self._batches.remove(batch)
-            if self._chunking:
-                # The step's token budget: what decoding left of it goes to long prompts.
-                assert self.max_step_tokens is not None
-                self._advance_chunks(max(self.max_step_tokens - decoded, 1))
+            try:
+                self._decode_and_prefill()
+            except Exception:  # a bug of ours must not stop the thread every request waits on
+                log.exception("engine step failed")
+                self._fail_everything("the engine step failed on the server")
+
+    def _decode_and_prefill(self) -> None:
+        """One step after admission: every batch decodes a token, then chunked prompts get
+        what decoding left of the step's token budget."""
+        decoded = 0
+        for batch in list(self._batches):
+            decoded += len(batch.seqs)
+            try:
+                self._step(batch)
+            except Exception as exc:
+                self._fail([s.req for s in batch.seqs], exc, "decode step")
+                self._keep(batch, [])
+                self._batches.remove(batch)
+        if self._chunking:
+            # The step's token budget: what decoding left of it goes to long prompts.
+            assert self.max_step_tokens is not None
+            self._advance_chunks(max(self.max_step_tokens - decoded, 1))
+
+    def _fail_everything(self, message: str) -> None:
+        """End every running and chunking request with an error and free their slots; waiting
+        requests stay queued for the next step."""
+        reqs = [s.req for b in self._batches for s in b.seqs] + [c.req for c in self._chunking]
+        for batch in self._batches:
+            self._keep(batch, [])
+        for c in self._chunking:
+            self.kv.release(c.slot)
+        self._batches, self._chunking = [], []
+        self._fail(reqs, RuntimeError(message), "engine step")
 
     def _batch_for(self, runner: ModelRunner) -> _Batch:
         for batch in self._batches:
@@ -366,31 +390,41 @@ class Engine:
                 assert slot is not None  # admission left a slot for every request
                 try:
                     self.kv.write(slot, pre.keys, pre.values)
-                except Exception:
+                except Exception as exc:
                     self.kv.release(slot)
-                    raise
+                    self._fail([req], exc, "prefill")
+                    continue
                 self._first_token(req, runner, slot, pre.logits, pre.next_position)
 
     def _first_token(
         self, req: GenerationRequest, runner: ModelRunner, slot: int, logits: Tensor, position: int
     ) -> None:
         """Sample a prefilled request's first token from `logits [V]`; the sequence joins its
-        runner's batch with `slot` (its prompt's cache) unless it is already finished."""
-        if not bool(torch.isfinite(logits).all()):
+        runner's batch with `slot` (its prompt's cache) unless it is finished. The slot is
+        released on every other path, a failure here ending this request only."""
+        try:
+            if not bool(torch.isfinite(logits).all()):
+                raise NonFiniteLogits()
+            gen = (
+                torch.Generator().manual_seed(req.params.seed)
+                if req.params.seed is not None
+                else None
+            )
+            seq = _Seq(req, runner, position, gen, slot)
+            masked = suppress_eos(logits.unsqueeze(0), [req.params], [0], runner.eos_ids)
+            token = sample(masked, [req.params], [gen])[0]
+            now = time.monotonic()
+            self.observer.on_first_token(now - req.created)
+            seq.last_token_at = now
+            joins = self._deliver(seq, token)
+        except Exception as exc:
             self.kv.release(slot)
-            self._fail([req], NonFiniteLogits(), "prefill")
+            self._fail([req], exc, "prefill")
             return
-        gen = (
-            torch.Generator().manual_seed(req.params.seed) if req.params.seed is not None else None
-        )
-        seq = _Seq(req, runner, position, gen, slot)
-        masked = suppress_eos(logits.unsqueeze(0), [req.params], [0], runner.eos_ids)
-        token = sample(masked, [req.params], [gen])[0]
-        now = time.monotonic()
-        self.observer.on_first_token(now - req.created)
-        seq.last_token_at = now
-        if self._deliver(seq, token):
-            self._batch_for(runner).seqs.append(seq)
+        if joins:
+            batch = self._batch_for(runner)
+            # In slot order: a batch whose slots are one range decodes from one view.
+            bisect.insort(batch.seqs, seq, key=lambda s: s.slot)
         else:
             self.kv.release(slot)
 

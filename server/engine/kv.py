@@ -95,6 +95,11 @@ class KVPool:
         return heapq.heappop(self._free) if self._free else None
 
     def release(self, slot: int) -> None:
+        """Free `slot`, zeroing what it held: a shorter next occupant's batch reads past its
+        length (masked, but a NaN left by a failed row would poison it: 0 · NaN is NaN)."""
+        n = int(self.lengths[slot])
+        for buf in self.keys + self.values:
+            buf[slot, :, :n] = 0
         self.lengths[slot] = 0
         heapq.heappush(self._free, slot)
 
@@ -130,6 +135,8 @@ class SlotBatch:
             else torch.tensor(slots, device=pool.keys[0].device)
         )
         self._index = torch.tensor(slots)
+        self._device_index = self._index.to(pool.keys[0].device)
+        self._positions = self._device_index  # set by begin_step
         self._top = 0
 
     @property
@@ -144,6 +151,7 @@ class SlotBatch:
         """Returns the additive mask `[B, 1, 1, top]` (0 for the valid positions including the
         new one, -inf elsewhere) in fp32; `top` = the longest row + 1."""
         lengths = self.lengths
+        self._positions = lengths.to(self._device_index.device)  # once per step, not per layer
         self._top = int(lengths.max()) + 1
         if self._top > self.pool.max_len:
             raise ValueError("a sequence outgrew its slot (max_model_len)")
@@ -157,8 +165,7 @@ class SlotBatch:
     ) -> tuple[Tensor, Tensor]:
         """Write `key/value: [B, Hk, 1, D]` at each row's position; return `[B, Hk, top, D]`."""
         keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
-        slots = self._index.to(key.device)
-        pos = self.lengths.to(key.device)
+        slots, pos = self._device_index, self._positions
         keys[slots, :, pos] = key[:, :, 0].to(keys.dtype)
         values[slots, :, pos] = value[:, :, 0].to(values.dtype)
         return keys[self._rows, :, : self._top], values[self._rows, :, : self._top]

@@ -24,22 +24,29 @@ def suppress_eos(
     return logits
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 def sample(
     logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> list[int]:
     """One token per row of `logits: [B, V]` (any float dtype; computed in fp32 on its device).
 
-    temperature 0 → argmax; otherwise softmax(logits / T), restricted to the `top_k` largest and
-    to the smallest set whose probability reaches `top_p`, drawn with the row's generator (a
-    seeded request repeats exactly). The filtering is batched on the device, and the tokens come
-    to the host in one transfer; only seeded rows draw one by one, each with its own generator.
+    temperature below `MIN_TEMPERATURE` → argmax; otherwise softmax(logits / T), restricted to
+    the `top_k` largest and to the smallest set whose probability reaches `top_p`, drawn with
+    the row's generator (a seeded request repeats exactly). The filtering is batched on the
+    device and the tokens come to the host in one transfer; only seeded rows draw one by one,
+    each with its own generator.
     """
     logits = logits.float()
     v = logits.shape[-1]
     dev = logits.device
     if not params:
         return []
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+    # Below MIN_TEMPERATURE a row is greedy: 1/T would overflow the logits to inf (vLLM's rule).
+    temps = torch.tensor(
+        [p.temperature if p.temperature >= MIN_TEMPERATURE else 1.0 for p in params], device=dev
+    )
     scaled = logits / temps[:, None]
     top_k = [p.top_k if 0 < p.top_k < v else v for p in params]
     if min(top_k) < v:
@@ -54,7 +61,7 @@ def sample(
         keep = (sorted_p.cumsum(-1) - sorted_p < top_p) | (top_p >= 1.0)
         probs = torch.zeros_like(probs).scatter(1, order, sorted_p * keep)
     tokens = logits.argmax(-1)
-    drawn = [i for i, p in enumerate(params) if p.temperature > 0]
+    drawn = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
     shared = [i for i in drawn if generators[i] is None]
     if shared:
         rows = torch.tensor(shared, device=dev)

@@ -198,3 +198,54 @@ def test_a_stream_that_fails_mid_way_ends_with_an_error_chunk_then_done(server_f
     assert all('"finish_reason":"stop"' not in line for line in lines)
     r = httpx.post(f"{live.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_failure_at_the_first_token_frees_its_slot(parts, chunked):
+    """With one KV slot, a request whose first token fails (here: the observer raises) must
+    give its slot back, or the next request would wait forever."""
+    from server.engine.engine import EngineObserver
+
+    model, processor = parts
+    runner = ModelRunner(model, processor, ModelInfo("tiny", "none", 16, None, 0))
+    runner.eos_ids = set()
+    calls = {"n": 0}
+
+    def first_token(_: float) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+
+    engine = Engine(
+        runner,
+        max_batch=4,
+        kv_slots=1,
+        max_step_tokens=16 if chunked else None,
+        observer=EngineObserver(on_first_token=first_token),
+    )
+    engine.start()
+    try:
+        (first,) = _run_all(engine, [_prompt(40, 24)], _greedy(3))
+        assert first[-1].finish_reason == "error"
+        (second,) = _run_all(engine, [_prompt(41, 24)], _greedy(3))
+        assert second[-1].finish_reason == "length"
+        assert engine.drain(timeout=5)  # the final event comes just before the slot is freed
+        assert engine.kv_stats()["free_slots"] == 1
+    finally:
+        engine.stop()
+
+
+def test_stop_ends_running_requests(parts):
+    engine = _engine(parts, "none")
+
+    async def run() -> list[GenerationEvent]:
+        req = GenerationRequest(_prompt(50), SamplingParams(max_tokens=100_000, temperature=0))
+        events = []
+        async for event in engine.generate(req):
+            events.append(event)
+            if len(events) == 3:
+                asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        return events
+
+    events = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert events[-1].finish_reason == "cancelled"

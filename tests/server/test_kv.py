@@ -95,3 +95,14 @@ def test_stats_and_metrics_report_kv_capacity_and_use(server_factory):
     assert kv["reserved_bytes"] == 4 * kv["bytes_per_sequence"] and kv["used_tokens"] == 0
     text = httpx.get(f"{live.url}/metrics", headers={"Authorization": "Bearer test-key"}).text
     assert "veq_kv_cache_capacity_tokens 2048.0" in text and "veq_kv_cache_free_slots 4.0" in text
+
+
+def test_a_freed_slot_holds_nothing_of_its_last_sequence():
+    g = KVGeometry(layers=1, heads=1, dk=2, dv=2, dtype=torch.float32)
+    pool = KVPool(g, slots=2, max_len=8)
+    slot = pool.allocate()
+    keys, values = _prefill(5, 0, g)
+    keys[0][0, 0, 2] = float("nan")  # a failed row's cache
+    pool.write(slot, keys, values)
+    pool.release(slot)
+    assert torch.count_nonzero(pool.keys[0][slot]) == 0 and not pool.keys[0].isnan().any()

@@ -86,3 +86,9 @@ def test_empty_batch_and_eos_suppression():
     params = [SamplingParams(temperature=0, min_tokens=2)] * 2
     out = suppress_eos(logits, params, [0, 3], {5})
     assert sample(out, params, [None, None])[1] == 5 and sample(out, params, [None, None])[0] != 5
+
+
+def test_a_vanishing_temperature_is_greedy():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=t, seed=0) for t in (1e-45, 1e-7, 0.0)]
+    assert sample(logits, params, _gens(params)) == logits.argmax(-1).tolist()
