@@ -17,6 +17,22 @@ from veq import __version__
 from veq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 METHODS = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq")
+METHODS_HELP = """methods (--method):
+  rtn      round to nearest per group; no calibration data
+  awq      AWQ: per-channel scales searched on calibration activations, then clipping
+  gptq     GPTQ: Hessian error feedback, static-group act-order (llm-compressor's default)
+  mbq      MBQ: AWQ whose loss weights answer tokens 1, vision tokens the per-layer
+           gradient ratio r_l, prompt tokens 0
+  veq-me   the paper's VEQ-ME: AWQ whose expert scale search is weighted by expert
+           importance S_i = γ·N_text + β·N_vision
+  veq-ma   the paper's VEQ-MA: GPTQ on Hessians weighted per token and expert by
+           c = p^λ·α (p: router softmax before top-k; α: γ for text, 1 for vision)
+  veq      (default) ME's importance-weighted shared scales, then GPTQ on MA's weighted
+           Hessians, with act-order: the combination is beyond the paper, which evaluates
+           ME and MA apart
+
+defaults: W4 g128, symmetric codes at 4 and 8 bits (asymmetric at 2 and 3), γ measured
+('auto') with one backward pass per calibration sample, λ = 1, act-order on, 128 samples."""
 CALIB_HELP = (
     "calibration source: builtin (photographs + text-only turns), shapes (the bundled model's "
     "task), a JSONL file, or hf:NAME[:SPLIT] (default: the model's own: shapes for mini, else "
@@ -499,7 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"veq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("quantize", help="calibrate and quantize a model, write a checkpoint")
+    p = sub.add_parser(
+        "quantize",
+        help="calibrate and quantize a model, write a checkpoint",
+        epilog=METHODS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_recipe(p, "weight bits")
     p.add_argument("--samples", type=int, default=128, help="calibration samples")
     p.add_argument("--seed", type=int, default=0, help="calibration sample order")
