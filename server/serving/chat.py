@@ -56,6 +56,7 @@ class ChatService:
     def __init__(self, engine: Engine, settings: Any) -> None:
         self.engine = engine
         self.settings = settings
+        self._preprocessing = 0  # requests waiting for or in the preprocessing thread
 
     @property
     def model_names(self) -> list[str]:
@@ -94,11 +95,18 @@ class ChatService:
         if req.model not in self.model_names:
             raise model_not_found(req.model, self.model_names)
         messages, images = await self._messages(req)
+        # Requests waiting for the preprocessing thread hold decoded images: bounded like the
+        # engine's queue, and answered 503 beyond it.
+        if self._preprocessing >= self.settings.max_queue:
+            raise overloaded(1.0, "The server is at capacity (preprocessing queue full).")
+        self._preprocessing += 1
         try:
             loop = asyncio.get_running_loop()
             inputs = await loop.run_in_executor(_PREPROCESS, self._encode, messages, images)
         except (ValueError, TypeError) as exc:
             raise bad_request(f"cannot build the prompt: {exc}", param="messages") from None
+        finally:
+            self._preprocessing -= 1
         prompt = int(inputs["input_ids"].shape[-1])
         limit = self.settings.max_model_len
         if prompt >= limit:

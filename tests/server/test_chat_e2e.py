@@ -227,3 +227,39 @@ def test_the_processor_runs_off_the_event_loop(live, client, png, monkeypatch):
     )
     assert r.choices[0].finish_reason in ("stop", "length")
     assert seen and all(name.startswith("veq-preprocess") for name in seen), seen
+
+
+def test_a_full_preprocessing_queue_is_503(server_factory, monkeypatch):
+    """Requests waiting for the preprocessing thread count against --max-queue too."""
+    import threading
+
+    from server.serving.chat import ChatService
+
+    release = threading.Event()
+    entered = threading.Event()
+    real = ChatService._encode
+
+    def slow(self, messages, images):
+        entered.set()
+        release.wait(30)
+        return real(self, messages, images)
+
+    monkeypatch.setattr(ChatService, "_encode", slow)
+    live = server_factory(max_queue=1)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    headers = {"Authorization": "Bearer test-key"}
+    results: list[int] = []
+    first = threading.Thread(
+        target=lambda: results.append(
+            httpx.post(
+                f"{live.url}/v1/chat/completions", json=body, headers=headers, timeout=60
+            ).status_code
+        )
+    )
+    first.start()
+    assert entered.wait(30)
+    r = httpx.post(f"{live.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 503 and "retry-after" in r.headers
+    release.set()
+    first.join(60)
+    assert results == [200]
