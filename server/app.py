@@ -57,7 +57,8 @@ def kv_slots(settings: Any, runner: ModelRunner) -> int:
     device leaves after what is already allocated (the loaded model); on CPU, one slot per
     batch row. Raises `KVBudgetError` (so start-up fails with the reason, not a request later)
     when it holds no sequence at all."""
-    per_seq = runner.kv_geometry().bytes_per_token * settings.max_model_len
+    geometry = runner.kv_geometry()
+    per_seq = geometry.bytes_per_token * settings.max_model_len
     if settings.kv_cache_memory is not None:
         budget = settings.kv_cache_memory
     elif runner.device.type == "cuda":
@@ -65,7 +66,7 @@ def kv_slots(settings: Any, runner: ModelRunner) -> int:
         budget = int(settings.gpu_memory_utilization * total) - (total - free)
     else:
         return settings.max_batch
-    slots = max(budget, 0) // per_seq
+    slots = geometry.slots_for(max(budget, 0), settings.max_model_len)
     if slots < 1:
         raise KVBudgetError(
             f"the KV-cache budget ({max(budget, 0) / 2**20:.0f} MiB) holds no sequence of "

@@ -140,10 +140,6 @@ class SlotBatch:
         self._top = 0
 
     @property
-    def rows(self) -> int:
-        return len(self.slots)
-
-    @property
     def lengths(self) -> Tensor:
         return self.pool.lengths[self._index]
 
