@@ -3,6 +3,9 @@ sequence's cache, admission by free slots, and a budget too small failing at sta
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx
 import pytest
 import torch
@@ -106,3 +109,49 @@ def test_a_freed_slot_holds_nothing_of_its_last_sequence():
     pool.write(slot, keys, values)
     pool.release(slot)
     assert torch.count_nonzero(pool.keys[0][slot]) == 0 and not pool.keys[0].isnan().any()
+
+
+def test_64_streams_under_a_budget_of_three_sequences_all_end(server_factory):
+    """The issue's acceptance: a KV budget that holds 3 sequences, 64 concurrent streaming
+    requests. Each ends within its timeout with an answer, or with 503 and Retry-After when the
+    queue is full; the batch never outgrows the budget, and the server serves on afterwards."""
+    processor = build_processor()
+    model = tiny_model("qwen3_vl_moe", processor)
+    runner = ModelRunner(model, processor, ModelInfo("tiny", "none", 16, None, 0))
+    per_seq = runner.kv_geometry().bytes_per_token * 512
+    live = server_factory(kv_cache_memory=3 * per_seq + 100, max_queue=24)
+    auth = {"Authorization": "Bearer test-key"}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "count the shapes"}],
+        "max_tokens": 12,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, str | None, int]:
+        async with client.stream("POST", "/v1/chat/completions", json=body | {"seed": i}) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+            if r.status_code != 200:
+                return r.status_code, r.headers.get("retry-after"), 0
+            assert lines[-1] == "data: [DONE]"
+            usage = json.loads(lines[-2][6:])["usage"]
+            return r.status_code, None, usage["completion_tokens"]
+
+    async def run() -> list[tuple[int, str | None, int]]:
+        async with httpx.AsyncClient(base_url=live.url, headers=auth, timeout=60) as client:
+            return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(64))), 120)
+
+    results = asyncio.run(run())
+    answered = [n for status, _, n in results if status == 200]
+    refused = [retry for status, retry, _ in results if status == 503]
+    assert len(answered) + len(refused) == 64, sorted({s for s, _, _ in results})
+    assert len(answered) >= 24 and all(n == 12 for n in answered)
+    assert all(retry is not None and int(retry) >= 1 for retry in refused)
+    assert live.state.engine.max_batch_seen <= 3
+    assert httpx.get(f"{live.url}/health", timeout=5).status_code == 200
+    after = httpx.post(
+        f"{live.url}/v1/chat/completions", json=body | {"stream": False}, headers=auth, timeout=60
+    )
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 12
