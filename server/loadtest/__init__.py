@@ -15,7 +15,13 @@ The command line is `server.cli`'s; `bench/serve.py` reuses `load` and `spawn`.
 
 from server.loadtest.load import LoadConfig, LoadReport, RequestResult, make_messages, run_load
 from server.loadtest.probe import BenchError, StatsSampler, Target, probe
-from server.loadtest.spawn import ServeSpec, SpawnedServer, free_port, spawn_server
+from server.loadtest.spawn import (
+    ServeSpec,
+    SpawnedServer,
+    free_port,
+    spawn_process,
+    spawn_server,
+)
 
 __all__ = [
     "BenchError",
@@ -30,5 +36,6 @@ __all__ = [
     "make_messages",
     "probe",
     "run_load",
+    "spawn_process",
     "spawn_server",
 ]

@@ -55,6 +55,8 @@ class LoadConfig:
     timeout: float = 300.0
     # vLLM's fixed-length mode: every request generates exactly `max_tokens` (decode-bound).
     ignore_eos: bool = False
+    # Fields merged into every body: another server's own extensions (its way of ignoring EOS).
+    extra_body: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -196,7 +198,7 @@ def request_body(cfg: LoadConfig, model: str, index: int) -> dict[str, Any]:
         body["stream_options"] = {"include_usage": True}
     if cfg.ignore_eos:
         body["ignore_eos"] = True
-    return body
+    return body | cfg.extra_body
 
 
 async def _one(client: httpx.AsyncClient, cfg: LoadConfig, body: dict[str, Any]) -> RequestResult:

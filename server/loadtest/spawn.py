@@ -5,7 +5,9 @@ and `spawn_server`, a context manager that picks a free loopback port and a rand
 starts `python -m server.cli serve` in its own session (so the terminal's Ctrl-C reaches the
 load tester, which then still reads the server's final stats before stopping it), waits for
 `/ready` with a timeout, and on exit sends SIGTERM, waits, then kills. The child's output goes
-to a log file that error messages point to. Used by `veq bench --spawn` and `bench/serve.py`.
+to a log file that error messages point to. Used by `veq bench --spawn` and `bench/serve.py`;
+`spawn_process` gives any other server command (a peer such as `transformers serve`) the same
+lifecycle, for `bench/peer.py`.
 """
 
 from __future__ import annotations
@@ -97,17 +99,17 @@ def _last_line(path: Path) -> str:
     return (errors or lines or [""])[-1][:200]
 
 
-def _wait_ready(server: SpawnedServer, timeout: float) -> None:
+def _wait_ready(server: SpawnedServer, timeout: float, name: str, ready_path: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = server.process.poll()
         if code is not None:
             raise BenchError(
-                f"veq serve exited with code {code} before it was ready: "
+                f"{name} exited with code {code} before it was ready: "
                 f"{_last_line(server.log_path)} (log: {server.log_path})"
             )
         try:
-            r = httpx.get(f"{server.url}/ready", timeout=2.0)
+            r = httpx.get(f"{server.url}{ready_path}", timeout=2.0)
             if r.status_code == 200:
                 return
             if "failed to load" in r.text:
@@ -116,9 +118,41 @@ def _wait_ready(server: SpawnedServer, timeout: float) -> None:
             pass  # not listening yet
         time.sleep(0.5)
     raise BenchError(
-        f"veq serve was not ready after {timeout:.0f} s (raise --ready-timeout; "
+        f"{name} was not ready after {timeout:.0f} s (raise --ready-timeout; "
         f"log: {server.log_path})"
     )
+
+
+@contextmanager
+def spawn_process(
+    cmd: list[str],
+    port: int,
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    admin_key: str = "",
+    name: str = "the server",
+    ready_path: str = "/ready",
+    ready_timeout: float = 1800.0,
+) -> Iterator[SpawnedServer]:
+    """Any HTTP server command listening on 127.0.0.1:`port` (a peer under the same load),
+    ready once `ready_path` answers 200; stopped on exit, always."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    server = SpawnedServer(f"http://127.0.0.1:{port}", admin_key, process, log_path)
+    try:
+        _wait_ready(server, ready_timeout, name, ready_path)
+        yield server
+    finally:
+        server.stop()
 
 
 @contextmanager
@@ -134,19 +168,13 @@ def spawn_server(
         env["VEQ_API_KEY"] = spec.api_key
     cmd = [sys.executable, "-m", "server.cli", "serve", *spec.args()]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    server = SpawnedServer(f"http://127.0.0.1:{port}", admin_key, process, log_path)
-    try:
-        _wait_ready(server, ready_timeout)
+    with spawn_process(
+        cmd,
+        port,
+        log_path,
+        env=env,
+        admin_key=admin_key,
+        name="veq serve",
+        ready_timeout=ready_timeout,
+    ) as server:
         yield server
-    finally:
-        server.stop()
