@@ -1,6 +1,7 @@
 """veq against Hugging Face's own server on the same machine, model and load.
 
-    python bench/peer.py [--servers veq-w4,veq-w16,transformers] [--concurrency 1,4,16]
+    python bench/peer.py [--servers veq-w4,veq-w16,transformers,transformers-llm]
+                         [--concurrency 1,4,16]
                          [--passes 5] [--requests-per-client 4] [--max-tokens 64]
                          [--workloads images,text,decode] [--threads 1] [--no-write]
 
@@ -9,14 +10,18 @@ Each server runs alone, one after the other, as a child process serving the bund
 - `veq-w4`: `veq serve` at the served default (4-bit; RTN, since speed does not depend on how
   the codes were found), `veq-w16`: `veq serve --bits 16` (the same bf16 weights as the peer),
 - `transformers`: `transformers serve --continuous-batching` through `bench/hf_serve.py`
-  (the stock command with the processor class registered).
+  (the stock command with the processor class registered). It does not batch vision-language
+  models at all: every request, text too, runs alone (`generate`), as its log says.
+- `transformers-llm`: the same command on `mini`'s language half saved as the causal LM it is
+  (`bench/hf_serve.py --text-only`, checked logit for logit against the whole model), which
+  its continuous batching does run; text workloads only.
 
 The same load generator (`server.loadtest`, streaming chat over HTTP, bodies encoded before the
 clock starts) drives each at each concurrency, `--passes` times; the table gives the median
 pass. Workloads: `images` and `text` are the model's own one-word answers (prefill-bound), with
 a 64–160 px image in every request or none; `decode` is text prompts whose answers are exactly
-`--max-tokens` long on both servers, each asked its own way: vLLM's `ignore_eos` for veq, a
-`generation_config` with `min_new_tokens` for transformers (the `tokens/req` column checks it).
+`--max-tokens` long on every server, each asked its own way: vLLM's `ignore_eos` for veq, a
+`generation_config` whose end token never comes for transformers (`tokens/req` checks it).
 Writes BENCHMARKS.md section `peer`.
 """
 
@@ -58,8 +63,14 @@ def _fixed_length(server: str, max_tokens: int) -> dict[str, Any]:
     """The request fields that make `server` generate exactly `max_tokens` tokens."""
     if server.startswith("veq"):
         return {"ignore_eos": True}
-    config = {"max_new_tokens": max_tokens, "min_new_tokens": max_tokens, "do_sample": True}
+    # An end token that never comes: `eos_token_id` is the one field its continuous batching
+    # takes per request (`min_new_tokens` is fixed by whichever request started the batcher).
+    config = {"max_new_tokens": max_tokens, "eos_token_id": -1, "do_sample": True}
     return {"generation_config": json.dumps(config)}
+
+
+PEERS = ("transformers", "transformers-llm")
+TEXT_ONLY = ("transformers-llm",)
 
 
 def _spawn(server: str, args: argparse.Namespace, workdir: Path):
@@ -85,6 +96,8 @@ def _spawn(server: str, args: argparse.Namespace, workdir: Path):
     cmd += [str(resolve_model("mini")), "--threads", str(args.threads)]
     cmd += ["--continuous-batching", "--device", "cpu", "--host", "127.0.0.1"]
     cmd += ["--port", str(port)]
+    if server in TEXT_ONLY:
+        cmd += ["--text-only", str(workdir / "text-only")]
     return spawn_process(cmd, port, log, name="transformers serve", ready_path="/v1/models")
 
 
@@ -105,15 +118,14 @@ def _median_pass(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _measure(server: SpawnedServer, name: str, args: argparse.Namespace) -> dict[tuple, dict]:
     url = server.url
-    for fraction in (1.0, 0.0):  # warm both paths
-        asyncio.run(
-            run_load(
-                LoadConfig(url, concurrency=2, requests=4, max_tokens=4, image_fraction=fraction)
-            )
-        )
+    for fraction in (0.0,) if name in TEXT_ONLY else (1.0, 0.0):  # warm every path
+        warm = LoadConfig(url, concurrency=2, requests=4, max_tokens=4, image_fraction=fraction)
+        asyncio.run(run_load(warm))
     results = {}
     for workload in args.workloads.split(","):
         fraction, fixed = WORKLOADS[workload]
+        if fraction > 0 and name in TEXT_ONLY:
+            continue
         for c in (int(x) for x in args.concurrency.split(",")):
             passes = []
             for p in range(args.passes):
@@ -137,13 +149,17 @@ def _measure(server: SpawnedServer, name: str, args: argparse.Namespace) -> dict
     return results
 
 
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if not a or not b else f"{a / b:.2f}×"
+
+
 def _ms(seconds: float | None) -> str:
     return "–" if seconds is None else f"{1000 * seconds:.0f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--servers", default="veq-w4,veq-w16,transformers")
+    ap.add_argument("--servers", default="veq-w4,veq-w16,transformers,transformers-llm")
     ap.add_argument("--workloads", default="images,text,decode")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--passes", type=int, default=5)
@@ -164,7 +180,9 @@ def main() -> None:
     rows = []
     for (workload, c), _ in measured[servers[0]].items():
         for name in servers:
-            m = measured[name][(workload, c)]
+            m = measured[name].get((workload, c))
+            if m is None:
+                continue
             rows.append(
                 [
                     LABELS[workload].format(n=args.max_tokens),
@@ -182,24 +200,24 @@ def main() -> None:
     header += ["TTFT p50/p95 ms", "latency p50/p95/p99 ms", "errors"]
     table = markdown_table(header, rows)
     ratio_rows = []
-    peer = "transformers"
-    if peer in measured:
-        for name in (s for s in servers if s != peer):
-            for (workload, c), m in measured[name].items():
-                p = measured[peer][(workload, c)]
-                ttft = m["ttft_s"]["p50"] / max(p["ttft_s"]["p50"], 1e-9)
+    for name in (s for s in servers if s not in PEERS):
+        for peer in (s for s in servers if s in PEERS):
+            for key, m in measured[name].items():
+                p = measured[peer].get(key)
+                if p is None:
+                    continue
                 ratio_rows.append(
                     [
-                        LABELS[workload].format(n=args.max_tokens),
-                        str(c),
-                        name,
-                        f"{m['output_tok_per_s'] / max(p['output_tok_per_s'], 1e-9):.2f}×",
-                        f"{ttft:.2f}×",
+                        LABELS[key[0]].format(n=args.max_tokens),
+                        str(key[1]),
+                        f"{name} ÷ {peer}",
+                        _ratio(m["req_per_s"], p["req_per_s"]),
+                        _ratio(m["output_tok_per_s"], p["output_tok_per_s"]),
+                        _ratio(m["ttft_s"]["p50"], p["ttft_s"]["p50"]),
                     ]
                 )
     ratios = markdown_table(
-        ["workload", "concurrency", "server", f"output tok/s ÷ {peer}'s", f"TTFT p50 ÷ {peer}'s"],
-        ratio_rows,
+        ["workload", "concurrency", "servers", "req/s", "output tok/s", "TTFT p50"], ratio_rows
     )
     print(table)
     print(ratios)
@@ -210,11 +228,15 @@ def main() -> None:
         f"streaming chat, {args.requests_per_client} requests per client, median of "
         f"{args.passes} passes. `veq-w4`: `veq serve` at the served 4 bits; `veq-w16`: the same "
         "bf16 weights the peer serves; `transformers`: `transformers serve "
-        "--continuous-batching` through `bench/hf_serve.py`. *One word*: the model's own "
-        f"answers (prefill-bound); *{args.max_tokens} tokens*: answers of exactly that length "
-        "on both (`ignore_eos` for veq, `min_new_tokens` for transformers). Command: "
+        "--continuous-batching` through `bench/hf_serve.py`, which runs a vision-language model "
+        "one request at a time (its continuous batching takes text-only models only); "
+        "`transformers-llm`: the same command on `mini`'s language half saved as a "
+        "`Qwen3MoeForCausalLM` (`--text-only`, identical logits), which it does batch. *One "
+        f"word*: the model's own answers (prefill-bound; compare req/s); *{args.max_tokens} "
+        "tokens*: answers of exactly that length on every server (`ignore_eos` for veq, "
+        "an unreachable `eos_token_id` for transformers; *tokens/req* checks it). Command: "
         f"`python bench/peer.py {' '.join(sys.argv[1:])}`.\n\n{table}\n\n"
-        f"Ratios to the peer at the same load (above 1× output tok/s and below 1× TTFT favour "
+        "veq ÷ peer at the same load (above 1× for req/s and tok/s, below 1× for TTFT favour "
         f"veq):\n\n{ratios}\n"
     )
     if not args.no_write:

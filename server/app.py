@@ -66,7 +66,8 @@ def kv_slots(settings: Any, runner: ModelRunner) -> int:
         budget = int(settings.gpu_memory_utilization * total) - (total - free)
     else:
         return settings.max_batch
-    slots = geometry.slots_for(max(budget, 0), settings.max_model_len)
+    # CUDA graphs pad batches into one more slot (`KVPool.padding_slot`), inside the budget.
+    slots = geometry.slots_for(max(budget, 0), settings.max_model_len) - int(settings.cuda_graphs)
     if slots < 1:
         raise KVBudgetError(
             f"the KV-cache budget ({max(budget, 0) / 2**20:.0f} MiB) holds no sequence of "
@@ -109,6 +110,7 @@ def build_app(
                 kv_slots=slots,
                 max_step_tokens=settings.max_step_tokens
                 or STEP_TOKENS.get(runner.device.type, 2048),
+                cuda_graphs=settings.cuda_graphs,
                 observer=metrics.observer(),
             )
             log.info(

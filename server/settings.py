@@ -126,6 +126,11 @@ class ServeSettings(BaseSettings):
         description="Share of the GPU's memory this server may take (model + KV cache) when "
         "--kv-cache-memory is not given.",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="Replay decode steps from CUDA graphs: batches padded to power-of-two "
+        "buckets, one graph per batch and key-length bucket, captured on first use (CUDA only).",
+    )
 
     # --- Input limits --------------------------------------------------------------------------
     max_images_per_request: int = Field(

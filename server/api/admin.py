@@ -87,5 +87,6 @@ async def stats(state: State) -> dict:
             "steps": engine.steps,
             "max_batch_seen": engine.max_batch_seen,
             "mean_recent_batch": sum(recent) / len(recent) if recent else 0.0,
+            "decode": engine.decode_stats(),
         },
     }

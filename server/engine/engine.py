@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from server.engine.graphs import StaticDecoder
 from server.engine.kv import KVPool
 from server.engine.runner import ChunkedPrefill, ModelRunner
 from server.engine.sampling import sample, suppress_eos
@@ -142,15 +143,30 @@ class Engine:
         max_model_len: int = 4096,
         kv_slots: int | None = None,
         max_step_tokens: int | None = None,
+        fixed_shapes: bool = False,
+        cuda_graphs: bool = False,
         observer: EngineObserver | None = None,
     ) -> None:
         """`kv_slots` sequences of `max_model_len` tokens get a KV slot each, preallocated now
         (default: `max_batch`); requests beyond the free slots wait in the queue. With
         `max_step_tokens`, a prompt longer than that is prefilled in chunks between decode
         steps, each step's decode rows and prefill positions together within it; without, every
-        prompt is prefilled whole at admission."""
+        prompt is prefilled whole at admission. `fixed_shapes` decodes through
+        `server.engine.graphs.StaticDecoder` (batches padded to buckets, inputs on the device);
+        `cuda_graphs` also captures those steps and replays them (CUDA only)."""
+        if cuda_graphs and runner.device.type != "cuda":
+            raise ValueError("--cuda-graphs needs a CUDA device; the model is on the CPU")
         self._runner = runner
-        self.kv = KVPool(runner.kv_geometry(), kv_slots or max_batch, max_model_len, runner.device)
+        self.fixed_shapes = fixed_shapes or cuda_graphs
+        self.cuda_graphs = cuda_graphs
+        self._decoders: dict[ModelRunner, StaticDecoder] = {}
+        self.kv = KVPool(
+            runner.kv_geometry(),
+            kv_slots or max_batch,
+            max_model_len,
+            runner.device,
+            padding_slot=self.fixed_shapes,
+        )
         self.max_prefill_tokens = max_prefill_tokens
         # OpenMP thread counts are per OS thread: carry the creator's setting into ours.
         self._threads = torch.get_num_threads()
@@ -238,6 +254,14 @@ class Engine:
     def kv_bytes(self) -> int:
         """Bytes reserved for the KV cache (every slot, used or not)."""
         return self.kv.nbytes()
+
+    def decode_stats(self) -> dict[str, object]:
+        """How decode steps run: fixed shapes or not, and the current model's CUDA graphs."""
+        out: dict[str, object] = {"fixed_shapes": self.fixed_shapes}
+        decoder = self._decoders.get(self._runner)
+        if self.cuda_graphs:
+            out["cuda_graphs"] = decoder.stats() if decoder is not None else {"captured": []}
+        return out
 
     def kv_stats(self) -> dict[str, int]:
         """KV capacity and use, for `/admin/stats` and `/metrics`."""
@@ -507,8 +531,13 @@ class Engine:
         del self.batch_sizes[:-1000]
         self.observer.on_step(b)
         last = [s.tokens[-1] for s in batch.seqs]
-        positions = torch.tensor([s.position for s in batch.seqs])
-        logits = batch.runner.decode(last, positions, self.kv.batch([s.slot for s in batch.seqs]))
+        slots = [s.slot for s in batch.seqs]
+        if self.fixed_shapes:
+            positions = [s.position for s in batch.seqs]
+            logits = self._decoder_for(batch.runner).step(last, positions, slots)
+        else:
+            positions_t = torch.tensor([s.position for s in batch.seqs])
+            logits = batch.runner.decode(last, positions_t, self.kv.batch(slots))
         finite = torch.isfinite(logits).all(-1).tolist()
         if not all(finite):
             # A row whose logits are not finite ends alone; the rest sample as usual.
@@ -538,6 +567,19 @@ class Engine:
             self._keep(batch, keep)
         if not batch.seqs:
             self._batches.remove(batch)
+
+    def _decoder_for(self, runner: ModelRunner) -> StaticDecoder:
+        """`runner`'s fixed-shape decoder (its graphs are kept while it serves or has rows);
+        a swapped-out runner's goes once its last batch is gone."""
+        for old in list(self._decoders):
+            if old is not runner and old is not self._runner:
+                if not any(b.runner is old for b in self._batches):
+                    del self._decoders[old]
+        decoder = self._decoders.get(runner)
+        if decoder is None:
+            decoder = StaticDecoder(runner, self.kv, self.max_batch, capture=self.cuda_graphs)
+            self._decoders[runner] = decoder
+        return decoder
 
     def _keep(self, batch: _Batch, rows: list[int]) -> None:
         """Keep only `rows` of `batch`; the others' slots go back to the pool."""

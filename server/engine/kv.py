@@ -14,7 +14,10 @@ sequences than paging would.
 `SlotBatch` is the view one decode step works on (the slots of one batch), implementing the
 one method transformers' attention modules call, `update(k, v, layer_idx, ...)`. The lowest
 free slot is always taken, so a batch's slots are usually one contiguous range and its K/V one
-view; otherwise they are gathered for the step.
+view; otherwise they are gathered for the step. `StaticSlots` is the fixed-shape twin a
+captured decode step (`server.engine.graphs`) works on: slots, write positions and mask all
+live in device tensors, rows beyond the batch point at the pool's padding slot, and the keys
+are read up to a bucketed length, so one CUDA graph serves every batch of its bucket.
 
 Shape legend: S slots, B rows of a batch, Hk key/value heads, L slot length, D head dim.
 """
@@ -54,21 +57,31 @@ class KVPool:
     """Slots of preallocated K/V on `device`; `lengths [S]` counts each slot's valid positions."""
 
     def __init__(
-        self, geometry: KVGeometry, slots: int, max_len: int, device: torch.device | str = "cpu"
+        self,
+        geometry: KVGeometry,
+        slots: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        *,
+        padding_slot: bool = False,
     ) -> None:
+        """With `padding_slot`, one more slot (index `slots`) that is never handed out: the
+        rows a fixed-shape step pads its batch with write there."""
         if slots < 1:
             raise KVBudgetError("the KV cache needs at least one slot")
         g = geometry
         self.geometry, self.slots, self.max_len = g, slots, max_len
+        self.padding_slot = slots if padding_slot else None
+        rows = slots + int(padding_slot)
         self.keys = [
-            torch.zeros(slots, g.heads, max_len, g.dk, dtype=g.dtype, device=device)
+            torch.zeros(rows, g.heads, max_len, g.dk, dtype=g.dtype, device=device)
             for _ in range(g.layers)
         ]
         self.values = [
-            torch.zeros(slots, g.heads, max_len, g.dv, dtype=g.dtype, device=device)
+            torch.zeros(rows, g.heads, max_len, g.dv, dtype=g.dtype, device=device)
             for _ in range(g.layers)
         ]
-        self.lengths = torch.zeros(slots, dtype=torch.long)
+        self.lengths = torch.zeros(rows, dtype=torch.long)
         self._free = list(range(slots))  # a min-heap: the lowest free slot first
 
     # -- accounting ----------------------------------------------------------------------
@@ -78,7 +91,7 @@ class KVPool:
         return len(self._free)
 
     def nbytes(self) -> int:
-        """Bytes reserved (all slots, used or not)."""
+        """Bytes reserved (all slots, used or not, and the padding slot)."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     @property
@@ -207,3 +220,35 @@ class SlotChunk:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
+
+
+class StaticSlots:
+    """A fixed-shape decode step over `rows` rows: `slots [rows]` and `lengths [rows]` (long, on
+    the pool's device) say where each row's cache lives and where its new position goes; keys
+    are read up to `top` positions. Nothing here touches the host, so the step can be captured
+    in a CUDA graph and replayed after the buffers are refilled (`server.engine.graphs`)."""
+
+    def __init__(self, pool: KVPool, slots: Tensor, lengths: Tensor, top: int) -> None:
+        if top > pool.max_len:
+            raise ValueError(f"{top} positions do not fit a slot of {pool.max_len}")
+        self.pool, self.slots, self.lengths, self.top = pool, slots, lengths, top
+        self._arange = torch.arange(top, device=slots.device)
+
+    def mask(self, dtype: torch.dtype) -> Tensor:
+        """The additive mask `[rows, 1, 1, top]`: 0 up to each row's new position, -inf after."""
+        valid = self._arange.unsqueeze(0) <= self.lengths.unsqueeze(1)
+        zero = torch.zeros((), dtype=dtype, device=valid.device)
+        return torch.where(valid, zero, float("-inf")).to(dtype)[:, None, None, :]
+
+    def update(
+        self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        """Write `key/value: [rows, Hk, 1, D]` at each row's length; return `[rows, Hk, top, D]`."""
+        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        keys[self.slots, :, self.lengths] = key[:, :, 0].to(keys.dtype)
+        values[self.slots, :, self.lengths] = value[:, :, 0].to(values.dtype)
+        k, v = keys[:, :, : self.top], values[:, :, : self.top]
+        return k.index_select(0, self.slots), v.index_select(0, self.slots)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.top - 1

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from server.engine.kv import KVGeometry, SlotBatch, SlotChunk
+from server.engine.kv import KVGeometry, SlotBatch, SlotChunk, StaticSlots
 from veq.models import decoder_layers, get_architecture, get_module
 from veq.models.capture import LayerInputs, capture_layer_inputs
 from veq.models.patch_embed import linearize_patch_embeddings
@@ -232,11 +232,27 @@ class ModelRunner:
     @torch.no_grad()
     def decode(self, tokens: list[int], positions: Tensor, kv: SlotBatch) -> Tensor:
         """Feed one token per row (`tokens` [B], RoPE `positions` [B]); returns logits [B, V]."""
-        b = len(tokens)
-        ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
-        hidden = self.text.embed_tokens(ids)
+        ids = torch.tensor(tokens, device=self.device)
+        hidden = self.text.embed_tokens(ids.unsqueeze(1))
         mask = kv.begin_step().to(self.device, hidden.dtype)
-        pos = positions.to(self.device)
+        logits = self._decode_layers(hidden, positions.to(self.device), mask, kv)
+        kv.end_step()
+        return logits
+
+    @torch.no_grad()
+    def decode_static(self, ids: Tensor, positions: Tensor, kv: StaticSlots) -> Tensor:
+        """`decode` at fixed shapes, every input already on the device (`ids`, `positions`:
+        long [R]): no host tensor, no host sync, so a CUDA graph can capture it. The caller
+        advances the slots' lengths. Returns logits [R, V] fp32."""
+        hidden = self.text.embed_tokens(ids.unsqueeze(1))
+        return self._decode_layers(hidden, positions, kv.mask(hidden.dtype), kv)
+
+    def _decode_layers(
+        self, hidden: Tensor, pos: Tensor, mask: Tensor, kv: SlotBatch | StaticSlots
+    ) -> Tensor:
+        """hidden: [B, 1, H] embeddings; pos: long [B] RoPE positions on the device; mask:
+        [B, 1, 1, top] additive. Runs every decoder layer against `kv`; logits [B, V] fp32."""
+        b = hidden.shape[0]
         position_ids = pos.view(1, b, 1).expand(3, b, 1) if self.mrope else pos.view(b, 1)
         position_embeddings = self.text.rotary_emb(hidden, position_ids)
         for layer in self.layers:
@@ -249,7 +265,6 @@ class ModelRunner:
                 position_embeddings=position_embeddings,
             )
             hidden = out[0] if isinstance(out, tuple) else out
-        kv.end_step()
         return self.lm_head(self.text.norm(hidden)[:, -1]).float()
 
 

@@ -48,11 +48,14 @@ def greedy_reference(model, inputs: dict, n: int) -> list[int]:
     return out
 
 
-def test_batched_engine_matches_greedy_reference(setup):
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["dynamic", "fixed-shapes"])
+def test_batched_engine_matches_greedy_reference(setup, fixed_shapes):
+    """Fixed shapes: batches padded to a bucket, inputs in device buffers (the step a CUDA
+    graph captures, here run eagerly) decode the same tokens."""
     model, processor, prompts = setup
     runner = ModelRunner(model, processor, ModelInfo("tiny", "none", 16, None, 0))
     runner.eos_ids = set()  # a random model: compare full lengths
-    engine = Engine(runner, max_batch=8)
+    engine = Engine(runner, max_batch=8, fixed_shapes=fixed_shapes)
     engine.start()
 
     async def run() -> list[list[int]]:
@@ -145,11 +148,12 @@ def test_eos_stops_unless_ignored_and_min_tokens_suppresses_it(setup):
         engine.stop()
 
 
-def test_requests_beyond_the_free_kv_slots_wait_and_match_greedy(setup):
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["dynamic", "fixed-shapes"])
+def test_requests_beyond_the_free_kv_slots_wait_and_match_greedy(setup, fixed_shapes):
     model, processor, _ = setup
     runner = ModelRunner(model, processor, ModelInfo("tiny", "none", 16, None, 0))
     runner.eos_ids = set()
-    engine = Engine(runner, max_batch=8, max_model_len=64, kv_slots=2)
+    engine = Engine(runner, max_batch=8, max_model_len=64, kv_slots=2, fixed_shapes=fixed_shapes)
     engine.start()
     prompts = []
     for i in range(5):

@@ -64,7 +64,7 @@ def test_a_batch_of_scattered_slots_attends_to_its_own_rows():
 
 
 class _Settings:
-    max_batch, max_model_len, gpu_memory_utilization = 16, 512, 0.9
+    max_batch, max_model_len, gpu_memory_utilization, cuda_graphs = 16, 512, 0.9, False
 
     def __init__(self, kv_cache_memory: int | None) -> None:
         self.kv_cache_memory = kv_cache_memory
