@@ -1,12 +1,15 @@
 """The engine's own decode throughput, in-process: tokens/s at batch 1/4/16/64.
 
     python bench/decode.py [--batches 1,4,16,64] [--tokens 64] [--bits 16,4] [--repeats 3]
+                           [--modes dynamic,fixed,graphs] [--device cpu|cuda]
                            [--tree DIR --label NAME] [--threads 2] [--no-write]
 
 `B` requests (24-token text prompts, greedy, `ignore_eos`, `--tokens` each) are submitted to
 one `server.engine.Engine` at once, with no HTTP in between; *decode tok/s* counts the tokens
 produced after the last row's first token, over the time from that token to the last one, so
-prefill is left out. The best of `--repeats` runs is kept (this machine is shared). `--tree`
+prefill is left out. The best of `--repeats` runs is kept (this machine is shared). `--modes`
+compares decode paths in one run: `dynamic` (the default engine), `fixed` (fixed-shape steps,
+run eagerly) and `graphs` (`--cuda-graphs`, CUDA only; the GPU check runs it). `--tree`
 imports `server` and `veq` from another checkout (a `git worktree` of an older commit) so that
 one script measures the engine before and after a change on the same machine; the bundled
 model is loaded from `veq/reference/mini` of this checkout either way. Results accumulate in
@@ -22,6 +25,7 @@ import inspect
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -37,6 +41,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tree", default=None, help="import the engine from this checkout")
     ap.add_argument("--label", default="this checkout")
+    ap.add_argument("--modes", default="dynamic", help="dynamic, fixed, graphs")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
     return ap.parse_args()
@@ -60,18 +66,25 @@ def _load(bits: int):
     import veq
     from veq.api import load_model, load_processor
 
+    device = torch.device(ARGS.device)
     if bits == 16:
-        return load_model(MINI, torch.device("cpu")), load_processor(MINI)
-    q = veq.quantize(str(MINI), bits=bits, method="rtn", device="cpu", progress=False)
-    return veq.load(q.path, device="cpu")
+        return load_model(MINI, device), load_processor(MINI)
+    q = veq.quantize(str(MINI), bits=bits, method="rtn", device=ARGS.device, progress=False)
+    return veq.load(q.path, device=ARGS.device)
 
 
-def _engine(runner, batch: int) -> Engine:
+MODES = {"dynamic": {}, "fixed": {"fixed_shapes": True}, "graphs": {"cuda_graphs": True}}
+
+
+def _engine(runner, batch: int, mode: str) -> Engine:
     """An engine with room for `batch` rows; the KV knobs only where the engine has them."""
-    kwargs = {"max_batch": batch, "max_queue": batch + 1}
+    kwargs = {"max_batch": batch, "max_queue": batch + 1, **MODES[mode]}
     accepted = inspect.signature(Engine.__init__).parameters
     if "max_model_len" in accepted:
         kwargs["max_model_len"] = 256
+    missing = [k for k in MODES[mode] if k not in accepted]
+    if missing:
+        raise SystemExit(f"this engine has no {', '.join(missing)} (mode {mode})")
     return Engine(runner, **kwargs)
 
 
@@ -97,26 +110,39 @@ async def _run(engine: Engine, processor, batch: int, tokens: int) -> float:
 def main() -> None:
     torch.set_num_threads(ARGS.threads)
     batches = [int(b) for b in ARGS.batches.split(",")]
-    measured: dict[str, float] = {}
+    modes = ARGS.modes.split(",")
+    measured: dict[str, dict[str, float]] = {mode: {} for mode in modes}
     for bits in (int(b) for b in ARGS.bits.split(",")):
-        model, processor = _load(bits)
+        # Loading and quantizing run OpenMP teams; on a short-lived thread they end with it
+        # instead of slowing the engine thread down (docs/design.md §7).
+        with ThreadPoolExecutor(1) as setup:
+            model, processor = setup.submit(_load, bits).result()
         runner = ModelRunner(model, processor, ModelInfo("mini", "rtn", bits, 128, 0))
         for batch in batches:
-            best = 0.0
-            for _ in range(ARGS.repeats):
-                engine = _engine(runner, batch)
-                engine.start()
-                try:
-                    best = max(best, asyncio.run(_run(engine, processor, batch, ARGS.tokens)))
-                finally:
-                    engine.stop()
-            measured[f"W{bits} B{batch}"] = best
-            print(f"{ARGS.label}: W{bits} batch {batch:3d}: {best:8.1f} decode tok/s", flush=True)
+            for mode in modes:  # side by side, so that the machine's drift hits them alike
+                best = 0.0
+                for _ in range(ARGS.repeats):
+                    engine = _engine(runner, batch, mode)
+                    engine.start()
+                    try:
+                        best = max(best, asyncio.run(_run(engine, processor, batch, ARGS.tokens)))
+                    finally:
+                        engine.stop()
+                measured[mode][f"W{bits} B{batch}"] = best
+                print(
+                    f"{_label(mode)}: W{bits} batch {batch:3d}: {best:8.1f} decode tok/s",
+                    flush=True,
+                )
 
     if ARGS.no_write:
         return
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[ARGS.label] = {"date": today(), "tokens/s": measured}
+    for mode in modes:
+        results[_label(mode)] = {
+            "date": today(),
+            "device": device_name(ARGS.device),
+            "tokens/s": measured[mode],
+        }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     labels = list(results)
@@ -127,23 +153,29 @@ def main() -> None:
         for row, key in zip(rows, keys, strict=True):
             a, b = results[first]["tokens/s"].get(key), results[last]["tokens/s"].get(key)
             row.append(f"{b / a:.2f}×" if a and b else "–")
-    header = ["weights, batch", *(f"{label} ({results[label]['date']})" for label in labels)]
+    header = ["weights, batch"]
+    header += [f"{label} ({r['date']}, {r.get('device', '?')})" for label, r in results.items()]
     if len(labels) >= 2:
         header.append(f"{labels[-1]} ÷ {labels[0]}")
     table = markdown_table(header, rows)
     print(table)
     body = (
         f"## Engine decode throughput in-process (`bench/decode.py`, {today()})\n\n"
-        f"**{device_name('cpu')}**, {ARGS.threads} threads, the bundled `mini` (16-bit, and RTN "
-        f"W4 from each checkout's own `veq.quantize`): B requests of 24-token text prompts decode "
-        f"{ARGS.tokens} greedy `ignore_eos` tokens together in one engine, no HTTP; decode "
-        f"tokens/s after the last row's first token, best of {ARGS.repeats}. Columns are "
-        "checkouts, measured one after another on this machine "
+        f"{ARGS.threads} threads, the bundled `mini` (16-bit, "
+        "and RTN W4 from each checkout's own `veq.quantize`): B requests of 24-token text "
+        f"prompts decode {ARGS.tokens} greedy `ignore_eos` tokens together in one engine, no "
+        f"HTTP; decode tokens/s after the last row's first token, best of {ARGS.repeats}. "
+        "Columns are checkouts (and decode modes), measured one after another on this machine "
         "(`python bench/decode.py --tree DIR --label NAME`).\n\n"
         f"{table}\n"
     )
     write_section("decode", body)
     print("wrote BENCHMARKS.md")
+
+
+def _label(mode: str) -> str:
+    suffix = "" if mode == "dynamic" else f", {mode}"
+    return f"{ARGS.label}{suffix}" + ("" if ARGS.device == "cpu" else f", {ARGS.device}")
 
 
 def _order(key: str) -> tuple[int, int]:

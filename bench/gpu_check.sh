@@ -10,10 +10,13 @@
 #   1. nvidia-smi and versions
 #   2. bench/kernels.py: bf16 correctness of every variant, decode/prefill timings against a
 #      bf16 grouped matmul with GB/s and the fraction of copy bandwidth (BENCHMARKS "kernels")
-#   3. pytest -m gpu tests/kernels: the kernels at Qwen3-VL-30B-A3B shapes, fp16 and bf16
+#   3. pytest -m gpu tests/kernels tests/server/test_graphs.py: the kernels at Qwen3-VL-30B-A3B
+#      shapes, fp16 and bf16, and CUDA-graph replays of the decode step against eager steps
 #   4. veq quantize --model mini with the defaults on CUDA (method veq, W4, gamma auto)
 #   5. one served answer from the bundled model on CUDA (bench/gpu_answer.py, from step 4's cache)
-#   6. where vllm is importable: `vllm serve` of a W4 and a symmetric W8 checkpoint of the
+#   6. bench/decode.py on CUDA: the engine's decode tokens/s at batch 1/4/16/64, 16-bit and W4,
+#      dynamic steps against fixed-shape steps replayed from CUDA graphs (--cuda-graphs)
+#   7. where vllm is importable: `vllm serve` of a W4 and a symmetric W8 checkpoint of the
 #      bundled model, one chat each (bench/gpu_vllm.py; README's portability table)
 # BENCHMARKS.md (with the sections the steps rewrote) is copied to $OUT for committing here.
 set -uo pipefail
@@ -52,10 +55,13 @@ triton.__version__, torch.cuda.get_device_name())'"
 # The kernel benchmark needs only torch + triton; the tests' conftest imports veq (pydantic).
 step kernels 240 "$PY" bench/kernels.py --tokens 1,4,16,256,2048
 if server_stack; then
-  step pytest 120 "$PY" -m pytest -q -m gpu tests/kernels -p no:cacheprovider
+  step pytest 120 "$PY" -m pytest -q -m gpu tests/kernels tests/server/test_graphs.py \
+    -p no:cacheprovider
   step quantize 120 "$PY" -m server.cli quantize --model mini --device cuda --cache-dir "$CACHE"
   step answer 90 "$PY" bench/gpu_answer.py --device cuda --cache-dir "$CACHE" \
     --out "$OUT/answer.json" --log "$OUT/answer-serve.log"
+  step decode 150 "$PY" bench/decode.py --device cuda --modes dynamic,graphs --repeats 2 \
+    --label "GPU check"
   if "$PY" -c 'import vllm' 2> /dev/null; then
     step vllm 300 "$PY" bench/gpu_vllm.py --cache-dir "$CACHE" --out "$OUT/vllm.json"
   else

@@ -21,6 +21,7 @@ import asyncio
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # The repository first: bench/kernels.py would otherwise shadow the `kernels` package.
@@ -105,12 +106,17 @@ def main() -> None:
     import veq
     from veq.api import load_model, load_processor, resolve_model
 
-    if args.bits == 16:
-        path = resolve_model("mini")
-        model, processor = load_model(path, torch.device("cpu")), load_processor(path)
-    else:
+    def load():
+        if args.bits == 16:
+            path = resolve_model("mini")
+            return load_model(path, torch.device("cpu")), load_processor(path)
         q = veq.quantize("mini", bits=args.bits, device="cpu", progress=False)
-        model, processor = veq.load(q.path, device="cpu")
+        return veq.load(q.path, device="cpu")
+
+    # Quantizing runs OpenMP teams; on a short-lived thread they end with it instead of
+    # slowing the engine thread down (docs/design.md §7).
+    with ThreadPoolExecutor(1) as setup:
+        model, processor = setup.submit(load).result()
     settings = [None if s == "none" else int(s) for s in args.step_tokens.split(",")]
     rows = []
     for step in settings:

@@ -277,7 +277,8 @@ def quantize(
 
     # The calibration stack loads only here, on a cache miss: `veq.load` and a cache hit never
     # import a solver.
-    from veq.calib.gamma import resolve_gamma
+    from veq.calib.gamma import measure_saliency, resolve_gamma
+    from veq.calib.methods import METHOD_CLASSES
     from veq.calib.pipeline import Calibrator
 
     if source is None:
@@ -290,6 +291,12 @@ def quantize(
             ("gamma", model_fp, calib_fp, recipe.gamma, recipe.gamma_fallback, dev.type),
             lambda: resolve_gamma(source, calib_samples, recipe.gamma, recipe.gamma_fallback, dev),
         )
+    saliency = None
+    if METHOD_CLASSES[recipe.method].needs_saliency(recipe):
+        saliency = _memo(
+            ("saliency", model_fp, calib_fp, dev.type),
+            lambda: measure_saliency(source, calib_samples, device=dev),
+        )
     calibrator = Calibrator(
         source,
         calib_samples,
@@ -297,6 +304,7 @@ def quantize(
         gamma=g,
         gamma_source=g_source,
         vision_ratios=ratios,
+        saliency=saliency,
         device=dev,
         progress=progress,
         on_layer=on_layer,

@@ -56,6 +56,12 @@ class Recipe(BaseModel):
         20.0, gt=0, description="γ used when 'auto' cannot run a backward pass on this machine."
     )
     lam: float = Field(1.0, ge=0, description="VEQ-MA's exponent λ on router probabilities.")
+    saliency: float = Field(
+        0.0,
+        ge=0,
+        description="veq only: exponent τ of each token's gradient saliency (the loss's "
+        "sensitivity to the layer's output at that token) in its Hessian weights; 0: off.",
+    )
     act_order: bool = Field(
         True,
         description="GPTQ-family column order by decreasing Hessian diagonal, with static groups "

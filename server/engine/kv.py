@@ -25,6 +25,7 @@ Shape legend: S slots, B rows of a batch, Hk key/value heads, L slot length, D h
 from __future__ import annotations
 
 import heapq
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -73,14 +74,22 @@ class KVPool:
         self.geometry, self.slots, self.max_len = g, slots, max_len
         self.padding_slot = slots if padding_slot else None
         rows = slots + int(padding_slot)
-        self.keys = [
-            torch.zeros(rows, g.heads, max_len, g.dk, dtype=g.dtype, device=device)
-            for _ in range(g.layers)
-        ]
-        self.values = [
-            torch.zeros(rows, g.heads, max_len, g.dv, dtype=g.dtype, device=device)
-            for _ in range(g.layers)
-        ]
+
+        def allocate() -> tuple[list[Tensor], list[Tensor]]:
+            keys = [torch.zeros(rows, g.heads, max_len, g.dk, dtype=g.dtype, device=device)]
+            values = [torch.zeros(rows, g.heads, max_len, g.dv, dtype=g.dtype, device=device)]
+            for _ in range(g.layers - 1):
+                keys.append(torch.zeros_like(keys[0]))
+                values.append(torch.zeros_like(values[0]))
+            return keys, values
+
+        # Zero-filling on the CPU runs an OpenMP team on the calling thread, which then outlives
+        # the call; with two threads holding teams, libgomp stops spin-waiting once the cores are
+        # oversubscribed and every parallel region of the engine thread pays a futex wake-up
+        # (decode steps 2-4x slower on 2 cores; docs/design.md §7). A short-lived thread's team
+        # ends with it.
+        with ThreadPoolExecutor(1, thread_name_prefix="veq-kv-alloc") as pool:
+            self.keys, self.values = pool.submit(allocate).result()
         self.lengths = torch.zeros(rows, dtype=torch.long)
         self._free = list(range(slots))  # a min-heap: the lowest free slot first
 

@@ -4,9 +4,10 @@ Measured as mean |∂L/∂h| over text tokens ÷ mean |∂L/∂h| over vision to
 every decoder layer, with L the SFT loss on answer tokens of the calibration set; γ is the mean
 of the per-layer ratios. Reported both with "text" = every non-vision token (the value used) and
 with answer tokens only. The same backward pass gives MBQ's per-layer vision weight
-r_l = mean |g_vision| / mean |g_answer|. Owns the measurement and where it runs (whether the
-model fits on the calibration device for it, moving it there and back); the pipeline uses the
-numbers.
+r_l = mean |g_vision| / mean |g_answer|, and, at every layer's output, the per-token saliency
+`veq`'s gradient-weighted Hessians use (`measure_saliency`). Owns the measurement and where it
+runs (whether the model fits on the calibration device for it, moving it there and back); the
+pipeline uses the numbers.
 """
 
 from __future__ import annotations
@@ -168,30 +169,43 @@ def measure_gamma(
         ) from exc
 
 
-def _measure(model: nn.Module, samples: Sequence[CalibSample], device: torch.device) -> GammaResult:
-    """The passes themselves, with the model already on `device`; every sample has vision and
-    answer tokens. Leaves requires_grad, training mode and hooks as found."""
+def _layer_grads(
+    model: nn.Module, samples: Sequence[CalibSample], device: torch.device
+) -> Iterator[tuple[CalibSample, list[Tensor | None], list[Tensor | None]]]:
+    """Per sample, one backward pass of the SFT loss on its answer tokens: the gradients
+    `[1, S, H]` at every decoder layer's input and output. The model is already on `device`;
+    requires_grad, training mode and hooks are left as found."""
     layers = decoder_layers(model, get_architecture(model))
     n = len(layers)
-    sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("text", "vision", "answer")}
-    counts = {k: 0 for k in sums}
-    grads: list[Tensor | None] = [None] * n
+    grads_in: list[Tensor | None] = [None] * n
+    grads_out: list[Tensor | None] = [None] * n
 
-    def make_hook(i: int):
+    def keep(store: list[Tensor | None], i: int, h: Tensor) -> None:
+        if h.requires_grad:
+            h.register_hook(lambda g: store.__setitem__(i, g.detach()))
+
+    def pre_hook(i: int):
         def hook(_: nn.Module, args: tuple, kwargs: dict):
-            h = args[0] if args else kwargs["hidden_states"]
-            if h.requires_grad:
-                h.register_hook(lambda g: grads.__setitem__(i, g.detach()))
-            return None
+            keep(grads_in, i, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def post_hook(i: int):
+        def hook(_: nn.Module, args: tuple, kwargs: dict, out: object):
+            keep(grads_out, i, out[0] if isinstance(out, tuple) else out)  # type: ignore[arg-type]
 
         return hook
 
     handles = [
-        layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+        layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    handles += [
+        layer.register_forward_hook(post_hook(i), with_kwargs=True)
         for i, layer in enumerate(layers)
     ]
     embed = model.get_input_embeddings()
-    embed_handle = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    handles.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -200,7 +214,6 @@ def _measure(model: nn.Module, samples: Sequence[CalibSample], device: torch.dev
     try:
         for sample in samples:
             answer = sample.kinds == TokenKind.ANSWER
-            vision = sample.kinds == TokenKind.VISION
             inputs = {k: v.to(device) for k, v in sample.inputs.items()}
             ids = inputs["input_ids"]
             labels = torch.where(answer.to(device).unsqueeze(0), ids, torch.full_like(ids, -100))
@@ -212,24 +225,36 @@ def _measure(model: nn.Module, samples: Sequence[CalibSample], device: torch.dev
                     ignore_index=-100,
                 )
                 loss.backward()
-            for i, g in enumerate(grads):
-                if g is None:
-                    continue
-                mag = g[0].abs().mean(-1).double().cpu()
-                sums["text"][i] += mag[~vision].sum()
-                sums["vision"][i] += mag[vision].sum()
-                sums["answer"][i] += mag[answer].sum()
-            counts["text"] += int((~vision).sum())
-            counts["vision"] += int(vision.sum())
-            counts["answer"] += int(answer.sum())
-            grads[:] = [None] * n
+            yield sample, list(grads_in), list(grads_out)
+            grads_in[:] = [None] * n
+            grads_out[:] = [None] * n
     finally:
         for h in handles:
             h.remove()
-        embed_handle.remove()
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
         model.train(was_training)
+
+
+def _measure(model: nn.Module, samples: Sequence[CalibSample], device: torch.device) -> GammaResult:
+    """γ from the passes, with the model already on `device`; every sample has vision and
+    answer tokens."""
+    n = len(decoder_layers(model, get_architecture(model)))
+    sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("text", "vision", "answer")}
+    counts = {k: 0 for k in sums}
+    for sample, grads, _ in _layer_grads(model, samples, device):
+        answer = sample.kinds == TokenKind.ANSWER
+        vision = sample.kinds == TokenKind.VISION
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            mag = g[0].abs().mean(-1).double().cpu()
+            sums["text"][i] += mag[~vision].sum()
+            sums["vision"][i] += mag[vision].sum()
+            sums["answer"][i] += mag[answer].sum()
+        counts["text"] += int((~vision).sum())
+        counts["vision"] += int(vision.sum())
+        counts["answer"] += int(answer.sum())
     mean = {k: sums[k] / max(counts[k], 1) for k in sums}
     valid = mean["vision"] > 0
     per_layer = (mean["text"][valid] / mean["vision"][valid]).tolist()
@@ -239,6 +264,50 @@ def _measure(model: nn.Module, samples: Sequence[CalibSample], device: torch.dev
         mean["answer"] > 0, mean["vision"] / mean["answer"].clamp(min=1e-30), torch.ones(n)
     )
     return GammaResult(gamma, gamma_answer, ratios.tolist(), per_layer, len(samples))
+
+
+def measure_saliency(
+    model: nn.Module, samples: Sequence[CalibSample], *, device: torch.device | str = "cpu"
+) -> list[Tensor]:
+    """Per sample, `[L, S]` fp32: how much each token's output of each decoder layer moves
+    the SFT loss on the answers, `mean_h (∂L/∂y_{l,t,h})²` (the Fisher diagonal averaged over
+    the hidden size), scaled per layer to mean 1 over all tokens of all samples. The output of
+    a layer is what its o_proj and down_proj add to, so for them this is the exact per-token
+    weight of their output error in a Fisher-weighted objective; for the other linears of the
+    layer it stands in. Samples without answer tokens get ones (they carry no loss). Raises
+    GammaUnavailable where the pass does not fit, as `measure_gamma`."""
+    device = torch.empty(0, device=device).device
+    need, free = _need_bytes(model, samples, device), _free_bytes(device)
+    if need > free:
+        raise GammaUnavailable(
+            f"the model does not fit for a backward pass on {device} "
+            f"(about {need / _GB:.1f} GB needed, {free / _GB:.1f} GB free)"
+        )
+    n = len(decoder_layers(model, get_architecture(model)))
+    out: list[Tensor | None] = []
+    try:
+        with _placed(model, device):
+            for sample, _, grads in _layer_grads(model, samples, device):
+                t = sample.kinds.shape[0]
+                rows = [
+                    g[0].float().pow(2).mean(-1).cpu() if g is not None else torch.zeros(t)
+                    for g in grads
+                ]
+                answered = bool((sample.kinds == TokenKind.ANSWER).any())
+                out.append(torch.stack(rows) if answered else None)
+    except _DEVICE_ERRORS as exc:
+        what = str(exc).splitlines()[0]
+        raise GammaUnavailable(
+            f"{type(exc).__name__} on {device} during the backward pass: {what}"
+        ) from exc
+    kept = [s for s in out if s is not None]
+    if not kept:
+        return [torch.ones(n, s.kinds.shape[0]) for s in samples]
+    mean = torch.cat(kept, dim=1).mean(1, keepdim=True).clamp(min=1e-30)
+    return [
+        s / mean if s is not None else torch.ones(n, sample.kinds.shape[0])
+        for s, sample in zip(out, samples, strict=True)
+    ]
 
 
 def resolve_gamma(

@@ -40,6 +40,9 @@ class Tokens:
     kinds: Tensor
     affinity: Tensor | None = None
     fallback: bool = False
+    saliency: Tensor | None = None
+    """`[T]` fp32, mean 1 over the calibration set: how much the answers' loss moves with the
+    layer's output at each token (`veq.calib.gamma.measure_saliency`); None unless measured."""
 
     @property
     def membership(self) -> Tensor | None:
@@ -48,7 +51,8 @@ class Tokens:
 
     def select(self, idx: Tensor) -> Tokens:
         a = self.affinity[idx] if self.affinity is not None else None
-        return Tokens(self.kinds[idx], a, self.fallback)
+        s = self.saliency[idx] if self.saliency is not None else None
+        return Tokens(self.kinds[idx], a, self.fallback, s)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,11 @@ class Method:
     @property
     def needs_stats(self) -> bool:
         return self.hessian or self.search
+
+    @classmethod
+    def needs_saliency(cls, recipe: Recipe) -> bool:
+        """Whether calibrating `recipe` with this method needs per-token gradient saliency."""
+        return False
 
     def hessian_weights(self, t: Tokens) -> Tensor | None:
         """c_j of the Hessian `Σ_j c_j x_j x_jᵀ` (None: every token 1)."""
@@ -166,11 +175,25 @@ class VEQMA(GPTQ):
 
 
 class VEQ(VEQMA, VEQME):
-    """VEQ: VEQ-ME's expert-weighted scale search, then VEQ-MA's weighted GPTQ."""
+    """VEQ: VEQ-ME's expert-weighted scale search, then VEQ-MA's weighted GPTQ; beyond the
+    paper, the Hessian's token weights also carry each token's gradient saliency to the power
+    `recipe.saliency` (a Fisher-weighted objective: a token whose layer output the answers'
+    loss does not feel costs nothing to get wrong)."""
 
     name = "veq"
     hessian = True
     search = True
+
+    @classmethod
+    def needs_saliency(cls, recipe: Recipe) -> bool:
+        return recipe.saliency > 0
+
+    def hessian_weights(self, t: Tokens) -> Tensor | None:
+        c = super().hessian_weights(t)
+        if not self.needs_saliency(self.recipe) or t.saliency is None:
+            return c
+        s = t.saliency.to(t.kinds.device).pow(self.recipe.saliency)
+        return s if c is None else c * s
 
 
 METHOD_CLASSES: dict[str, type[Method]] = {

@@ -120,12 +120,15 @@ class Calibrator:
         gamma: float,
         gamma_source: str,
         vision_ratios: Sequence[float] | None = None,
+        saliency: Sequence[Tensor] | None = None,
         device: torch.device | str = "cpu",
         progress: bool = True,
         on_layer: Callable[[int, int], None] | None = None,
     ) -> None:
         """`on_layer(done, total)` is called after each decoder layer (job progress). A
-        data-free recipe (`Recipe.data_free`) takes no samples and runs no forward pass."""
+        data-free recipe (`Recipe.data_free`) takes no samples and runs no forward pass.
+        `saliency`: per sample `[L, S]` (`veq.calib.gamma.measure_saliency`), for methods
+        whose token weights use it."""
         if not samples and not recipe.data_free:
             raise ValueError("calibration needs at least one sample")
         self.model = model
@@ -157,6 +160,9 @@ class Calibrator:
         self.weights: dict[str, QuantizedWeight] = {}
         self.dtype = next(model.parameters()).dtype
         self.method = method_for(recipe, self.gamma, self.beta, self.vision_ratios)
+        if self.method.needs_saliency(recipe) and saliency is None:
+            raise ValueError(f"{recipe.label} with saliency {recipe.saliency} needs saliency")
+        self.saliency = list(saliency) if saliency is not None else None
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -241,7 +247,7 @@ class Calibrator:
         def group_hook(key: str) -> Callable[[nn.Module, tuple], None]:
             def hook(module: nn.Module, args: tuple) -> None:
                 x = args[0].reshape(-1, args[0].shape[-1])
-                t = Tokens(current["kinds"])
+                t = Tokens(current["kinds"], saliency=current.get("saliency"))
                 st = stats.setdefault(key, self._new_stats(x.shape[1]))
                 st.add(x, method.hessian_weights(t), method.search_weights(t, i), per_sample)
 
@@ -264,13 +270,24 @@ class Calibrator:
         try:
             for s, sample in enumerate(self.samples):
                 current["kinds"] = sample.kinds.to(self.device)
+                if self.saliency is not None:
+                    current["saliency"] = self.saliency[s][i].to(self.device)
                 self._run_layer(layer, cap, s)
         finally:
             for h in handles:
                 h.remove()
 
         kinds = torch.cat([s.kinds for s in self.samples]).to(self.device)
-        moe_plan = self._plan_moe(i, moe, torch.cat(moe_inputs), kinds) if moe is not None else None
+        saliency = (
+            torch.cat([s[i] for s in self.saliency]).to(self.device)
+            if self.saliency is not None
+            else None
+        )
+        moe_plan = (
+            self._plan_moe(i, moe, torch.cat(moe_inputs), kinds, saliency)
+            if moe is not None
+            else None
+        )
 
         # Phase A: AWQ-family scales, folded into full-precision weights (function unchanged).
         scales: dict[str, Tensor] = {}
@@ -391,7 +408,9 @@ class Calibrator:
 
     # -- MoE -----------------------------------------------------------------------------
 
-    def _plan_moe(self, layer_idx: int, moe: MoEView, x: Tensor, kinds: Tensor) -> _MoEPlan:
+    def _plan_moe(
+        self, layer_idx: int, moe: MoEView, x: Tensor, kinds: Tensor, saliency: Tensor | None
+    ) -> _MoEPlan:
         probs, idx, _ = moe.route(x.to(self.device))
         is_text = kinds != TokenKind.VISION
         e_count = moe.num_experts
@@ -415,14 +434,17 @@ class Calibrator:
             bits = allocate_expert_bits(importance.tolist(), self.recipe.mixed_precision)
         else:
             bits = [self.recipe.bits] * e_count
-        return _MoEPlan(layer_idx, moe, x.to(self.device), kinds, probs, members, importance, bits)
+        return _MoEPlan(
+            layer_idx, moe, x.to(self.device), kinds, probs, members, importance, bits, saliency
+        )
 
     def _member_tokens(self, plan: _MoEPlan, m: _Member) -> tuple[Tensor, Tokens]:
         """Expert m's inputs `[T_m, H]` and their tokens: kinds and router affinity for m."""
         affinity = plan.probs[:, m.expert].float()
+        every = Tokens(plan.kinds, affinity, fallback=m.tokens is None, saliency=plan.saliency)
         if m.tokens is None:
-            return plan.x, Tokens(plan.kinds, affinity, fallback=True)
-        return plan.x[m.tokens], Tokens(plan.kinds[m.tokens], affinity[m.tokens])
+            return plan.x, every
+        return plan.x[m.tokens], every.select(m.tokens)
 
     def _search_moe(self, plan: _MoEPlan) -> None:
         """Per-expert up→down scales, then the gate/up scale shared by all experts (and shared
@@ -460,9 +482,9 @@ class Calibrator:
                 ExpertWeights(sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
             )
             inputs.append(plan.x[idx])
-            c = self.method.search_weights(Tokens(plan.kinds[idx]), plan.layer)
+            c = self.method.search_weights(plan.tokens().select(idx), plan.layer)
             weights.append(c)
-            importance.append(self.method.expert_importance(None, Tokens(plan.kinds), c))
+            importance.append(self.method.expert_importance(None, plan.tokens(), c))
         s1, _ = shared_scale_search(
             experts,
             inputs,
@@ -502,7 +524,7 @@ class Calibrator:
             self._write_expert(moe, prefix, m.expert, [qg, qu, qd])
         if moe.shared is not None:
             x = plan.x / s1 if s1 is not None else plan.x
-            self._quantize_shared(moe, prefix, self._stats_for(x, Tokens(plan.kinds), plan.layer))
+            self._quantize_shared(moe, prefix, self._stats_for(x, plan.tokens(), plan.layer))
 
     def _write_expert(
         self, moe: MoEView, prefix: str, e: int, solved: Sequence[QuantizedWeight]
@@ -564,4 +586,9 @@ class _MoEPlan:
     members: list[_Member]
     importance: Tensor
     bits: list[int]
+    saliency: Tensor | None = None
     scale: Tensor | None = None
+
+    def tokens(self) -> Tokens:
+        """Every token of the block (shared experts): kinds and saliency, no affinity."""
+        return Tokens(self.kinds, saliency=self.saliency)

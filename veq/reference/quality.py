@@ -43,16 +43,20 @@ class Setting:
     mixed_precision: bool = False
     symmetric: bool | None = None
     """None: each width's default (`veq.recipe.DEFAULT_SYMMETRIC`)."""
+    options: tuple[tuple[str, Any], ...] = ()
+    """Further `Recipe` fields (`(("lam", 2.0),)`): the variants a lever comparison runs."""
 
     @property
     def label(self) -> str:
         g = f"g{self.group_size}" if self.group_size else "gch"
         w = f"mp{self.bits:g}" if self.mixed_precision else f"w{self.bits:g}"
         codes = {None: "", True: "-sym", False: "-asym"}[self.symmetric]
-        return f"{self.method}-{w}{g}{codes}"
+        extra = "".join(f" {k}={v}" for k, v in self.options)
+        return f"{self.method}-{w}{g}{codes}{extra}"
 
     def quantize_kwargs(self) -> dict[str, Any]:
         common = {"method": self.method, "group_size": self.group_size, "symmetric": self.symmetric}
+        common |= dict(self.options)
         if self.mixed_precision:
             return common | {
                 "bits": max(2, math.ceil(self.bits)),
