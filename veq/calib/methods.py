@@ -174,6 +174,10 @@ class VEQMA(GPTQ):
         return ma_token_weights(is_text, self.gamma, t.affinity, self.recipe.lam)
 
 
+#: The least saliency a token counts with (saliency has mean 1 over the calibration set).
+SALIENCY_FLOOR = 0.01
+
+
 class VEQ(VEQMA, VEQME):
     """VEQ: VEQ-ME's expert-weighted scale search, then VEQ-MA's weighted GPTQ; beyond the
     paper, the Hessian's token weights also carry each token's gradient saliency to the power
@@ -192,7 +196,9 @@ class VEQ(VEQMA, VEQME):
         c = super().hessian_weights(t)
         if not self.needs_saliency(self.recipe) or t.saliency is None:
             return c
-        s = t.saliency.to(t.kinds.device).pow(self.recipe.saliency)
+        # A floor: tokens past the last answer have no gradient at all, and an expert routed
+        # only such tokens still needs a Hessian (they count as 1 % of an average token).
+        s = t.saliency.to(t.kinds.device).clamp(min=SALIENCY_FLOOR).pow(self.recipe.saliency)
         return s if c is None else c * s
 
 

@@ -156,3 +156,72 @@ def test_given_gamma_is_used_as_is(tiny_model, calib):
         5.5,
         "given",
     )
+
+
+def _designed_grads(samples, layers: int, hidden: int = 8):
+    """Gradients with set magnitudes, per layer l: 1/(l+1) on vision tokens, 6 on answer
+    tokens, 3 on the other text tokens (sign alternating along the hidden size)."""
+    sign = torch.tensor([(-1.0) ** h for h in range(hidden)])
+
+    def fake(model, batch, device):
+        for sample in batch:
+            mag = torch.full(sample.kinds.shape, 3.0)
+            mag[sample.kinds == TokenKind.ANSWER] = 6.0
+            vision = sample.kinds == TokenKind.VISION
+            grads = []
+            for layer in range(layers):
+                m = mag.clone()
+                m[vision] = 1.0 / (layer + 1)
+                grads.append((m[:, None] * sign)[None])
+            yield sample, grads, [2 * g for g in grads]
+
+    return fake
+
+
+def test_gamma_is_the_layer_mean_of_text_over_vision_gradient_magnitudes(
+    tiny_model, samples, monkeypatch
+):
+    """Known answer: with gradient magnitudes set per token kind, γ, γ on answers and MBQ's
+    vision ratios are what their definitions give."""
+    model = tiny_model("qwen3_vl_moe")
+    layers = len(gamma_mod.decoder_layers(model, gamma_mod.get_architecture(model)))
+    monkeypatch.setattr(gamma_mod, "_layer_grads", _designed_grads(samples, layers))
+    kinds = torch.cat([s.kinds for s in samples])
+    answer, vision = kinds == TokenKind.ANSWER, kinds == TokenKind.VISION
+    text_mean = float((3.0 * (~answer & ~vision).sum() + 6.0 * answer.sum()) / (~vision).sum())
+    res = measure_gamma(model, samples)
+    expected = [text_mean * (layer + 1) for layer in range(layers)]
+    assert res.per_layer == pytest.approx(expected)
+    assert res.gamma == pytest.approx(sum(expected) / layers)
+    assert res.gamma_answer == pytest.approx(
+        sum(6.0 * (layer + 1) for layer in range(layers)) / layers
+    )
+    assert res.vision_ratios == pytest.approx([1 / (6.0 * (layer + 1)) for layer in range(layers)])
+
+
+def test_saliency_is_the_squared_output_gradient_scaled_to_mean_one(
+    tiny_model, samples, monkeypatch
+):
+    model = tiny_model("qwen3_vl_moe")
+    layers = len(gamma_mod.decoder_layers(model, gamma_mod.get_architecture(model)))
+    monkeypatch.setattr(gamma_mod, "_layer_grads", _designed_grads(samples, layers))
+    got = gamma_mod.measure_saliency(model, samples)
+    kinds = torch.cat([s.kinds for s in samples])
+    for layer in range(layers):
+        raw = torch.full(kinds.shape, 36.0)  # (2·3)²
+        raw[kinds == TokenKind.ANSWER] = 144.0  # (2·6)²
+        raw[kinds == TokenKind.VISION] = (2.0 / (layer + 1)) ** 2
+        want = raw / raw.mean()
+        torch.testing.assert_close(torch.cat([s[layer] for s in got]), want)
+
+
+def test_saliency_of_the_last_layer_is_nonzero_exactly_before_answer_tokens(tiny_model, samples):
+    """On the real model: after the last layer a token's output reaches only its own logits,
+    which the loss reads where the next token is an answer token."""
+    got = gamma_mod.measure_saliency(tiny_model("qwen3_vl_moe"), samples)
+    for sample, sal in zip(samples, got, strict=True):
+        feeds_answer = torch.zeros_like(sample.kinds, dtype=torch.bool)
+        feeds_answer[:-1] = sample.kinds[1:] == TokenKind.ANSWER
+        assert (sal[-1][feeds_answer] > 0).all()
+        assert (sal[-1][~feeds_answer] == 0).all()
+        assert (sal >= 0).all() and sal.shape[1] == sample.kinds.shape[0]

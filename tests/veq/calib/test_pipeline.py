@@ -207,3 +207,60 @@ def test_capture_restores_the_model_when_the_move_fails(tiny_model, calib, monke
         calibrator._capture(layers)
     assert len(model.model.language_model.layers) == n_layers
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_veq_saliency_weights_the_hessians(tiny_model, calib):
+    """Saliency of ones is the plain `veq`; measured saliency changes the codes of attention and
+    of routed experts' gate/up and down; a recipe asking for it without it is refused."""
+    from veq.calib.gamma import measure_saliency
+
+    samples = calib("qwen3_vl_moe", n=6)
+    measured = measure_saliency(tiny_model("qwen3_vl_moe"), samples)
+    ones = [torch.ones_like(s) for s in measured]
+    recipe = Recipe(method="veq", bits=3, group_size=32, gamma=10.0, saliency=1.0)
+
+    def run(saliency):
+        return Calibrator(
+            tiny_model("qwen3_vl_moe"),
+            samples,
+            recipe,
+            gamma=10.0,
+            gamma_source="given",
+            saliency=saliency,
+            progress=False,
+        ).run()
+
+    plain = calibrate(tiny_model("qwen3_vl_moe"), samples, "veq", 3)
+    with_ones, weighted = run(ones), run(measured)
+    assert all(
+        torch.equal(plain.weights[k].codes, with_ones.weights[k].codes) for k in plain.weights
+    )
+    changed = [
+        k
+        for k in plain.weights
+        if not torch.equal(plain.weights[k].codes, weighted.weights[k].codes)
+    ]
+    assert any("self_attn" in k for k in changed)
+    assert any(EXPERT.search(k) and k.endswith("down_proj") for k in changed)
+    with pytest.raises(ValueError, match="needs saliency"):
+        run(None)
+
+
+def test_quantize_measures_saliency_when_the_recipe_asks(tiny_model, processor, calib, tmp_path):
+    import veq
+
+    model = tiny_model("qwen3_vl_moe")
+    q = veq.quantize(
+        model,
+        processor=processor,
+        method="veq",
+        bits=3,
+        group_size=32,
+        gamma=10.0,
+        saliency=0.5,
+        samples=4,
+        calib="shapes",
+        out=tmp_path / "q",
+        progress=False,
+    )
+    assert q.report["recipe"]["saliency"] == 0.5 and (tmp_path / "q" / "config.json").exists()
