@@ -45,6 +45,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only rewrite the BENCHMARKS section")
     return ap.parse_args()
 
 
@@ -108,6 +109,9 @@ async def _run(engine: Engine, processor, batch: int, tokens: int) -> float:
 
 
 def main() -> None:
+    if ARGS.render:
+        write_section("decode", render(json.loads(RESULTS.read_text())))
+        return
     torch.set_num_threads(ARGS.threads)
     batches = [int(b) for b in ARGS.batches.split(",")]
     modes = ARGS.modes.split(",")
@@ -145,32 +149,36 @@ def main() -> None:
         }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    write_section("decode", render(results))
+
+
+def render(results: dict[str, dict]) -> str:
+    """The section: one column per label, then each later label ÷ the first."""
     labels = list(results)
     keys = sorted({k for r in results.values() for k in r["tokens/s"]}, key=_order)
-    rows = [[k, *(_cell(results[label]["tokens/s"].get(k)) for label in labels)] for k in keys]
-    if len(labels) >= 2:
-        first, last = labels[0], labels[-1]
-        for row, key in zip(rows, keys, strict=True):
-            a, b = results[first]["tokens/s"].get(key), results[last]["tokens/s"].get(key)
-            row.append(f"{b / a:.2f}×" if a and b else "–")
     header = ["weights, batch"]
     header += [f"{label} ({r['date']}, {r.get('device', '?')})" for label, r in results.items()]
-    if len(labels) >= 2:
-        header.append(f"{labels[-1]} ÷ {labels[0]}")
+    header += [f"{label} ÷ {labels[0]}" for label in labels[1:]]
+    rows = []
+    for key in keys:
+        values = [results[label]["tokens/s"].get(key) for label in labels]
+        ratios = [_ratio(v, values[0]) for v in values[1:]]
+        rows.append([key, *(_cell(v) for v in values), *ratios])
     table = markdown_table(header, rows)
     print(table)
-    body = (
+    return (
         f"## Engine decode throughput in-process (`bench/decode.py`, {today()})\n\n"
         f"{ARGS.threads} threads, the bundled `mini` (16-bit, "
         "and RTN W4 from each checkout's own `veq.quantize`): B requests of 24-token text "
         f"prompts decode {ARGS.tokens} greedy `ignore_eos` tokens together in one engine, no "
         f"HTTP; decode tokens/s after the last row's first token, best of {ARGS.repeats}. "
         "Columns are checkouts (and decode modes), measured one after another on this machine "
-        "(`python bench/decode.py --tree DIR --label NAME`).\n\n"
+        "(`python bench/decode.py --tree DIR --label NAME`; `--render` rewrites this section "
+        "from `bench/results/decode.json`). *fixed*: the fixed-shape step CUDA graphs capture, "
+        "run eagerly (padding rows and full gathers: the CPU pays for them, a GPU replays them "
+        "as one launch).\n\n"
         f"{table}\n"
     )
-    write_section("decode", body)
-    print("wrote BENCHMARKS.md")
 
 
 def _label(mode: str) -> str:
@@ -181,6 +189,10 @@ def _label(mode: str) -> str:
 def _order(key: str) -> tuple[int, int]:
     bits, batch = key.split()
     return (-int(bits[1:]), int(batch[1:]))
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}×" if value and base else "–"
 
 
 def _cell(value: float | None) -> str:

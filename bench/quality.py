@@ -3,7 +3,8 @@
     python bench/quality.py [--model mini] [--methods rtn,awq,...] [--bits 4,3,2]
                             [--groups 128,64] [--mixed 2.5,3] [--mixed-methods veq]
                             [--codes default|sym,asym] [--calib-seeds 0,1,2] [--samples 600]
-                            [--jobs 2] [--section quality|symmetric] [--no-write]
+                            [--jobs 2] [--section quality|symmetric|levers] [--no-write]
+                            [--variants "gptq;veq:tau=1,lam=1;veq"]
 
 Each setting is quantized through `veq.api.quantize` (cached under `--cache-dir`) once per
 calibration seed and scored on the same held-out questions against the 16-bit model
@@ -13,7 +14,10 @@ worst family, answer NLL and the bytes of the quantized linears. All rows go to
 `bench/results/quality.json`; the table goes to BENCHMARKS.md (section `quality`).
 `--jobs N` splits the settings over N processes (one torch thread each). `--codes sym,asym` runs
 every setting with symmetric and with asymmetric codes (`default`: each width's default);
-`--section symmetric` writes that comparison to its own section.
+`--section symmetric` writes that comparison to its own section. `--variants` replaces
+`--methods` with methods carrying further recipe fields (`method:field=value,...`, e.g.
+`veq:tau=1,lam=1`, the paper's ME+MA without veq's own changes), for the lever comparison
+(`--section levers`).
 """
 
 from __future__ import annotations
@@ -65,14 +69,40 @@ def _spread(values: list[float], scale: float = 1.0, spec: str = ".1f") -> str:
     return f"{mean:{spec}} ({lo:{spec}}–{hi:{spec}})"
 
 
+def parse_variant(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """`veq:tau=1,act_order=false` → ("veq", (("tau", 1.0), ("act_order", False)))."""
+    method, _, rest = text.partition(":")
+    options = []
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+        if isinstance(parsed, str):
+            try:
+                parsed = float(value)
+            except ValueError:
+                pass
+        options.append((key.strip(), parsed))
+    return method.strip(), tuple(options)
+
+
+def _name(method: str, options: dict[str, Any]) -> str:
+    if not options:
+        return method
+    shown = (f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
+    return f"{method} ({', '.join(shown)})"
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """One table row per (method, bits, group, mixed): means and min–max over seeds."""
+    """One table row per (method and options, bits, group, mixed): means and min–max over
+    seeds."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["method"], r["bits"], r["group_size"], r["mixed_precision"], r["symmetric"])
-        groups.setdefault(key, []).append(r)
+        options = json.dumps(r.get("options", {}), sort_keys=True)
+        key = (r["method"], options, r["bits"], r["group_size"], r["mixed_precision"])
+        groups.setdefault(key + (r["symmetric"],), []).append(r)
     out = []
-    for (method, bits, group, mixed, symmetric), rs in groups.items():
+    for (method, options, bits, group, mixed, symmetric), rs in groups.items():
+        method = _name(method, json.loads(options))
         acc = [r["accuracy"] for r in rs]
         fams = rs[0]["per_family"]
         worst = min(fams, key=lambda f: statistics.fmean(r["per_family"][f] for r in rs))
@@ -112,7 +142,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/veq-bench-quality"))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--codes", default="default", help="comma list of default, sym, asym")
-    ap.add_argument("--section", choices=("quality", "symmetric"), default="quality")
+    ap.add_argument("--section", choices=("quality", "symmetric", "levers"), default="quality")
+    ap.add_argument("--variants", default=None, help="';'-separated method:field=value,...")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -121,12 +152,17 @@ def main() -> None:
     seeds = [int(s) for s in args.calib_seeds.split(",")]
     groups = [None if g == "channel" else int(g) for g in args.groups.split(",")]
     codes = [{"default": None, "sym": True, "asym": False}[c] for c in args.codes.split(",")]
+    variants = (
+        [parse_variant(v) for v in args.variants.split(";")]
+        if args.variants
+        else [(m, ()) for m in args.methods.split(",")]
+    )
     settings = [
-        Setting(m, int(b), g, symmetric=c)
+        Setting(m, int(b), g, symmetric=c, options=o)
         for c in codes
         for g in groups
         for b in args.bits.split(",")
-        for m in args.methods.split(",")
+        for m, o in variants
     ]
     mixed = [float(a) for a in args.mixed.split(",") if a]
     mixed_methods = args.mixed_methods.split(",")
@@ -148,7 +184,8 @@ def main() -> None:
         for i, row in enumerate(pool.map(_evaluate, jobs), 1):
             rows.append(row)
             print(
-                f"[{i}/{len(jobs)} {time.perf_counter() - t0:6.0f} s] {row['method']} "
+                f"[{i}/{len(jobs)} {time.perf_counter() - t0:6.0f} s] "
+                f"{_name(row['method'], row['options'])} "
                 f"{'mp' if row['mixed_precision'] else 'w'}{row['bits']:g} g{row['group_size']} "
                 f"{ {None: '', True: 'sym ', False: 'asym '}[row['symmetric']] }"
                 f"calib {row['calib_seed']}: acc {100 * row['accuracy']:.1f} kl {row['kl']:.4f}",
@@ -166,6 +203,7 @@ def main() -> None:
     title = {
         "quality": "Quality on the reference model",
         "symmetric": "Symmetric codes against zero points on the reference model",
+        "levers": "Quality levers of `veq` on the reference model",
     }[args.section]
     body = (
         f"## {title} (`bench/quality.py --section {args.section}`, {today()})\n\n"

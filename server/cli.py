@@ -129,6 +129,8 @@ def _quantize(args: argparse.Namespace) -> int:
             mixed_precision=args.mixed_precision,
             act_order=args.act_order,
             lam=args.lam,
+            tau=args.tau,
+            saliency=args.saliency,
             symmetric=args.symmetric,
             out=args.out,
             cache_dir=args.cache_dir,
@@ -540,8 +542,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lam",
         type=float,
-        default=1.0,
-        help="VEQ-MA's exponent λ on router affinity in c = p^λ·α (veq-ma, veq; default 1)",
+        default=None,
+        help="exponent λ on router affinity in c = p^λ·α (veq-ma default 1, veq default 2)",
+    )
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=None,
+        help="veq: modality weight tempered to γ^τ (default 0.5 at 2 bits, 0.25 above; "
+        "1 = the paper's γ)",
+    )
+    p.add_argument(
+        "--saliency",
+        type=float,
+        default=0.0,
+        metavar="TAU",
+        help="veq: weigh Hessian tokens by gradient saliency to this power (default 0: off)",
     )
     p.add_argument("--out", help="output directory (default: the cache)")
     p.add_argument("--cache-dir", help="cache directory (default: $VEQ_CACHE_DIR or ~/.cache/veq)")

@@ -22,6 +22,16 @@ from veq.config import Bits, GroupSize, QuantConfig
 #: loaders that refuse them. At 2 and 3 bits, which only veq serves, they are kept.
 DEFAULT_SYMMETRIC: dict[int, bool] = {2: False, 3: False, 4: True, 8: True}
 
+#: λ when a recipe does not name it: VEQ-MA as the paper writes it (p¹); `veq` squares the
+#: router probability, the factor by which an expert's output error reaches the layer output
+#: enters the squared error twice (BENCHMARKS "Quality levers").
+DEFAULT_LAM: dict[str, float] = {"veq": 2.0}
+#: `veq`'s modality temper τ per width (α = γ^τ): on `mini` (1,000 held-out questions, 3
+#: calibration seeds) text-weighted Hessians keep W2 from GPTQ's collapses (KL 0.0024 at
+#: τ = 0.5 against 0.011 at 0.25 and GPTQ's 0.030), while at W3 they cost (1.6e-4 at τ = 0.25,
+#: 2.3e-4 at 0.5, 3.6e-4 at the paper's τ = 1; GPTQ 1.9e-4). BENCHMARKS "Quality levers".
+DEFAULT_TAU: dict[int, float] = {2: 0.5, 3: 0.25, 4: 0.25, 8: 0.25}
+
 Method = Literal["rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq"]
 METHODS: tuple[str, ...] = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq")
 
@@ -55,7 +65,19 @@ class Recipe(BaseModel):
     gamma_fallback: float = Field(
         20.0, gt=0, description="γ used when 'auto' cannot run a backward pass on this machine."
     )
-    lam: float = Field(1.0, ge=0, description="VEQ-MA's exponent λ on router probabilities.")
+    lam: float | None = Field(
+        None,
+        ge=0,
+        description="Exponent λ on router probabilities in VEQ-MA's token weights p^λ·α; "
+        "default: 1 for veq-ma (the paper's form), 2 for veq.",
+    )
+    tau: float | None = Field(
+        None,
+        ge=0,
+        description="veq only: the modality weight is tempered to γ^τ (text tokens' Hessian "
+        "weight and expert importance); 1 is the paper's γ, 0 ignores modality; default per "
+        "width (DEFAULT_TAU: 0.5 at 2 bits, 0.25 above).",
+    )
     saliency: float = Field(
         0.0,
         ge=0,
@@ -83,6 +105,24 @@ class Recipe(BaseModel):
         if v != "auto" and (not math.isfinite(float(v)) or float(v) <= 0):
             raise ValueError(f"gamma must be 'auto' or a positive number, got {v}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_lam_tau(cls, data: Any) -> Any:
+        # Written out, as symmetric is, so that leaving λ or τ out and naming its default give
+        # the same recipe and cache key. τ follows the narrowest width written.
+        if not isinstance(data, dict):
+            return data
+        if data.get("lam") is None:
+            data = {**data, "lam": DEFAULT_LAM.get(data.get("method", "veq"), 1.0)}
+        if data.get("tau") is None:
+            mixed = data.get("mixed_precision")
+            bits = data.get("bits", 4)
+            if mixed is not None:  # the expert widths `widths` brackets the average by
+                bits = 2 if float(mixed) <= 4 else min(int(bits), 4)
+            narrowest = bits
+            data = {**data, "tau": DEFAULT_TAU.get(int(narrowest), 0.25)}
+        return data
 
     @model_validator(mode="before")
     @classmethod

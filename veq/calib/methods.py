@@ -171,6 +171,7 @@ class VEQMA(GPTQ):
 
     def hessian_weights(self, t: Tokens) -> Tensor | None:
         is_text = t.kinds != TokenKind.VISION
+        assert self.recipe.lam is not None  # written by the recipe's validator
         return ma_token_weights(is_text, self.gamma, t.affinity, self.recipe.lam)
 
 
@@ -179,14 +180,22 @@ SALIENCY_FLOOR = 0.01
 
 
 class VEQ(VEQMA, VEQME):
-    """VEQ: VEQ-ME's expert-weighted scale search, then VEQ-MA's weighted GPTQ; beyond the
-    paper, the Hessian's token weights also carry each token's gradient saliency to the power
-    `recipe.saliency` (a Fisher-weighted objective: a token whose layer output the answers'
-    loss does not feel costs nothing to get wrong)."""
+    """VEQ: VEQ-ME's expert-weighted scale search, then VEQ-MA's weighted GPTQ, and beyond the
+    paper: the modality weight tempered to γ^τ (`recipe.tau`), the router probability squared
+    by default (λ = 2), and optionally each token's gradient saliency to the power
+    `recipe.saliency` in the Hessian (a Fisher-weighted objective: a token whose layer output
+    the answers' loss does not feel costs nothing to get wrong)."""
 
     name = "veq"
     hessian = True
     search = True
+
+    def __init__(
+        self, recipe: Recipe, gamma: float, beta: float, vision_ratios: Sequence[float]
+    ) -> None:
+        # The modality weight tempered, in the Hessians and in the expert importance alike.
+        assert recipe.tau is not None  # written by the recipe's validator
+        super().__init__(recipe, float(gamma) ** recipe.tau, beta, vision_ratios)
 
     @classmethod
     def needs_saliency(cls, recipe: Recipe) -> bool:

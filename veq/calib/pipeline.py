@@ -429,7 +429,8 @@ class Calibrator:
                 # router probability for this expert (docs/design.md §Our defaults); reported.
                 members.append(_Member(e, None, n))
                 self.report.fallback_experts.append({"layer": layer_idx, "expert": e, "tokens": n})
-        importance = expert_importance(n_text, n_vis, self.gamma, self.beta)
+        # The method's modality weight (`veq` tempers γ), not necessarily the measured γ.
+        importance = expert_importance(n_text, n_vis, self.method.gamma, self.beta)
         if self.recipe.mixed_precision is not None:
             bits = allocate_expert_bits(importance.tolist(), self.recipe.mixed_precision)
         else:

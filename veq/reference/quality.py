@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,8 @@ class QualityRow:
     calib_seed: int | None = None
     seconds: float = 0.0
     cached: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    """The setting's further recipe fields (`Setting.options`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,6 +176,7 @@ class QualityRun:
             flips_lost=int((was & ~now).sum()),
             flips_gained=int((~was & now).sum()),
             mixed_precision=bool(setting and setting.mixed_precision),
+            options=dict(setting.options) if setting else {},
             **extra,
         )
 

@@ -264,3 +264,18 @@ def test_quantize_measures_saliency_when_the_recipe_asks(tiny_model, processor, 
         progress=False,
     )
     assert q.report["recipe"]["saliency"] == 0.5 and (tmp_path / "q" / "config.json").exists()
+
+
+def test_lam_defaults_per_method_and_veq_tempers_gamma():
+    """λ left out is written as the method's default (one recipe, one cache key); `veq`'s
+    strategy sees γ^τ, VEQ-MA the measured γ."""
+    from veq.calib.methods import method_for
+
+    assert Recipe(method="veq").lam == 2.0 and Recipe(method="veq-ma").lam == 1.0
+    assert Recipe(method="veq") == Recipe(method="veq", lam=2.0)
+    assert Recipe(method="veq", lam=0.5).lam == 0.5
+    assert Recipe(method="veq", bits=2).tau == 0.5 and Recipe(method="veq", bits=3).tau == 0.25
+    assert Recipe(method="veq", bits=4, mixed_precision=3.0).tau == 0.5  # 2-bit experts
+    assert method_for(Recipe(method="veq", bits=2), 9.0, 1.0, [1.0]).gamma == pytest.approx(3.0)
+    assert method_for(Recipe(method="veq", tau=1.0), 9.0, 1.0, [1.0]).gamma == 9.0
+    assert method_for(Recipe(method="veq-ma"), 9.0, 1.0, [1.0]).gamma == 9.0
