@@ -28,11 +28,15 @@ METHODS_HELP = """methods (--method):
   veq-ma   the paper's VEQ-MA: GPTQ on Hessians weighted per token and expert by
            c = p^λ·α (p: router softmax before top-k; α: γ for text, 1 for vision)
   veq      (default) ME's importance-weighted shared scales, then GPTQ on MA's weighted
-           Hessians, with act-order: the combination is beyond the paper, which evaluates
-           ME and MA apart
+           Hessians, with act-order. Beyond the paper (which evaluates ME and MA apart):
+           the combination; the modality weight tempered to γ^τ (--tau; 0.5 at 2 bits,
+           0.25 above, where the paper's γ over-weights text); λ = 2 (the router weight
+           scales an expert's output error, which the squared error counts twice); and,
+           optionally, Hessian tokens weighted by gradient saliency (--saliency)
 
 defaults: W4 g128, symmetric codes at 4 and 8 bits (asymmetric at 2 and 3), γ measured
-('auto') with one backward pass per calibration sample, λ = 1, act-order on, 128 samples."""
+('auto') with one backward pass per calibration sample, λ = 1 for veq-ma and 2 for veq,
+act-order on, GPTQ damping 1 %, 128 samples."""
 CALIB_HELP = (
     "calibration source: builtin (photographs + text-only turns), shapes (the bundled model's "
     "task), a JSONL file, or hf:NAME[:SPLIT] (default: the model's own: shapes for mini, else "
