@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -14,6 +15,12 @@ from veq.testing import correlated_inputs, random_weight
 # @triton.jit function is decorated, i.e. before a kernel module is imported: conftest runs first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A suite started as a background job (`make test &`) inherits SIGINT ignored, and so would the
+# CLI children that tests interrupt with it. A handler of our own is reset to the default on
+# exec, so the children can be interrupted (and so can the suite).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Tests run tiny tensors: a second intra-op thread buys nothing there, and on a shared 2-core
 # machine spinning OpenMP workers slow small ops down by up to 100x.

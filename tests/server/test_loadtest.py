@@ -197,8 +197,7 @@ def test_sigint_to_the_command_writes_partial_report(live, tmp_path):
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
-        # A first run in a fresh venv imports (and compiles) matplotlib for the report here.
-        stdout, stderr = proc.communicate(timeout=180)
+        stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
