@@ -163,5 +163,5 @@ def _sync_free_experts(model: torch.nn.Module) -> None:
         return
     try:
         setter("batched_mm")
-    except (ValueError, KeyError) as exc:  # a model without swappable experts
+    except Exception as exc:  # a model without swappable experts: capture will say if it syncs
         log.info("experts implementation left as is: %s", exc)
