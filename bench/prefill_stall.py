@@ -59,8 +59,12 @@ async def _scenario(engine: Engine, processor, args, engine_gaps: list[float]) -
             if "done" in arrived:
                 break
 
+    # Tokenized before the clock, as the load generator encodes its bodies: tokenizing 3,750
+    # tokens on this event loop would hold up the streams' timestamps, not the engine.
+    long_inputs = [_prompt(processor, args.prompt_tokens, j) for j in range(args.long)]
+
     async def long_prompt(j: int) -> None:
-        inputs = _prompt(processor, args.prompt_tokens, j)
+        inputs = long_inputs[j]
         params = SamplingParams(max_tokens=1, temperature=0)
         async for _ in engine.generate(GenerationRequest(inputs, params)):
             pass

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from server.engine.graphs import StaticDecoder
-from server.engine.kv import KVPool
+from server.engine.kv import FusedStep, KVPool
 from server.engine.runner import ChunkedPrefill, ModelRunner
 from server.engine.sampling import sample, suppress_eos
 from server.engine.types import FinishReason, GenerationEvent, GenerationRequest
@@ -348,21 +348,54 @@ class Engine:
                 self._fail_everything("the engine step failed on the server")
 
     def _decode_and_prefill(self) -> None:
-        """One step after admission: every batch decodes a token, then chunked prompts get
-        what decoding left of the step's token budget."""
-        decoded = 0
+        """One step after admission: every batch decodes a token, the oldest chunked prompt's
+        next positions riding in the same forward as its runner's batch where possible
+        (`_fusable`), then chunked prompts get what is left of the step's token budget."""
+        decoded = sum(len(b.seqs) for b in self._batches)
+        fuse = self._fusable(decoded)
+        ran = 0
         for batch in list(self._batches):
-            decoded += len(batch.seqs)
+            chunk = fuse if fuse is not None and fuse[0].runner is batch.runner else None
+            fuse = None if chunk is not None else fuse
             try:
-                self._step(batch)
+                ran += self._step(batch, chunk)
             except Exception as exc:
                 self._fail([s.req for s in batch.seqs], exc, "decode step")
                 self._keep(batch, [])
-                self._batches.remove(batch)
-        if self._chunking:
+                if batch in self._batches:
+                    self._batches.remove(batch)
+                if chunk is not None and chunk[0] in self._chunking:
+                    self._chunking.remove(chunk[0])
+                    self.kv.release(chunk[0].slot)
+                    self._fail([chunk[0].req], exc, "prefill")
+        left = (self.max_step_tokens or 0) - decoded - ran
+        if self._chunking and (left > 0 or ran == 0):
             # The step's token budget: what decoding left of it goes to long prompts.
             assert self.max_step_tokens is not None
-            self._advance_chunks(max(self.max_step_tokens - decoded, 1))
+            self._advance_chunks(max(left, 1))
+
+    def _fusable(self, decode_rows: int) -> tuple[_Chunked, int] | None:
+        """The oldest chunked prompt and how many of its positions join its runner's decode
+        forward this step (what the token budget leaves after the decode rows), its vision
+        tower and embeddings run first if it had not started; None when nothing fuses (fixed
+        shapes, no batch of its runner, no budget left, or a prompt that ended)."""
+        if self.fixed_shapes or not self._chunking or self.max_step_tokens is None:
+            return None
+        c = self._chunking[0]
+        budget = self.max_step_tokens - decode_rows
+        if c.req.finished or c.req.cancelled or budget < 1:
+            return None  # `_advance_chunks` retires ended prompts
+        if not any(b.runner is c.runner and b.seqs for b in self._batches):
+            return None
+        if c.job is None:
+            try:
+                c.job = c.runner.start_prefill(c.req.inputs)
+            except Exception as exc:
+                self._chunking.pop(0)
+                self.kv.release(c.slot)
+                self._fail([c.req], exc, "prefill")
+                return None
+        return c, min(c.job.remaining, budget)
 
     def _fail_everything(self, message: str) -> None:
         """End every running and chunking request with an error and free their slots; waiting
@@ -511,7 +544,10 @@ class Engine:
             self.observer.on_finish(finish, seq.req.prompt_tokens, len(seq.tokens))
         return finish is None
 
-    def _step(self, batch: _Batch) -> None:
+    def _step(self, batch: _Batch, chunk: tuple[_Chunked, int] | None = None) -> int:
+        """Advance `batch` by one token; with `chunk` (a chunked prompt and a position count),
+        its next positions run in the same forward. Returns the chunk positions run (0 when
+        the batch had no live row left, and the chunk waits for `_advance_chunks`)."""
         # Rows already ended (an admission that failed after they joined) leave like cancelled
         # ones, without a second final event.
         live = [i for i, s in enumerate(batch.seqs) if not s.req.cancelled and not s.req.finished]
@@ -523,7 +559,7 @@ class Engine:
             self._keep(batch, live)
         if not batch.seqs:
             self._batches.remove(batch)
-            return
+            return 0
         b = len(batch.seqs)
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, b)
@@ -532,12 +568,34 @@ class Engine:
         self.observer.on_step(b)
         last = [s.tokens[-1] for s in batch.seqs]
         slots = [s.slot for s in batch.seqs]
+        first: Tensor | None = None
         if self.fixed_shapes:
             positions = [s.position for s in batch.seqs]
             logits = self._decoder_for(batch.runner).step(last, positions, slots)
+        elif chunk is not None:
+            c, n = chunk
+            assert c.job is not None  # started by `_fusable`
+            kv = FusedStep(self.kv.batch(slots), self.kv.chunk(c.slot, n))
+            positions_t = torch.tensor([s.position for s in batch.seqs])
+            logits, first = batch.runner.decode_and_chunk(last, positions_t, c.job, kv)
         else:
             positions_t = torch.tensor([s.position for s in batch.seqs])
             logits = batch.runner.decode(last, positions_t, self.kv.batch(slots))
+        try:
+            self._take(batch, logits)
+        finally:
+            # After the rows (a finished prompt joins this very batch).
+            if chunk is not None and first is not None:
+                c = chunk[0]
+                assert c.job is not None
+                self._chunking.remove(c)
+                self._first_token(c.req, c.runner, c.slot, first, c.job.next_position)
+        return chunk[1] if chunk is not None else 0
+
+    def _take(self, batch: _Batch, logits: Tensor) -> None:
+        """Sample the batch's next tokens from `logits [B, V]`, deliver them, retire rows that
+        finished or whose logits are not finite."""
+        b = len(batch.seqs)
         finite = torch.isfinite(logits).all(-1).tolist()
         if not all(finite):
             # A row whose logits are not finite ends alone; the rest sample as usual.

@@ -261,3 +261,52 @@ class StaticSlots:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.top - 1
+
+
+class FusedStep:
+    """A decode step of a batch and the next chunk of one prompt in one forward (one sequence
+    of `B + n` positions): the B rows' new keys go to their slots at their lengths, the chunk's
+    after its slot's length. Attention reads one key sequence, each row's slot up to the
+    batch's longest row and then the chunk's slot so far, and `mask` lets each query see only
+    its own part (a row its slot up to its new position, a chunk position the prompt up to
+    itself)."""
+
+    def __init__(self, batch: SlotBatch, chunk: SlotChunk) -> None:
+        self.batch, self.chunk = batch, chunk
+
+    def mask(self) -> Tensor:
+        """Additive `[1, 1, B + n, B·top + len + n]` fp32; call once per step, before update."""
+        rows = self.batch.begin_step()[:, 0, 0]  # [B, top]
+        b, top = rows.shape
+        chunk = self.chunk.causal_mask()[0, 0]  # [n, len + n]
+        n, span = chunk.shape
+        out = torch.full((b + n, b * top + span), float("-inf"))
+        for i in range(b):
+            out[i, i * top : (i + 1) * top] = rows[i]
+        out[b:, b * top :] = chunk
+        return out[None, None]
+
+    def update(
+        self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        """`key/value: [1, Hk, B + n, D]` → `[1, Hk, B·top + len + n, D]`."""
+        b = len(self.batch.slots)
+        rows_k, rows_v = self.batch.update(
+            key[0, :, :b].transpose(0, 1).unsqueeze(2),
+            value[0, :, :b].transpose(0, 1).unsqueeze(2),
+            layer_idx,
+        )  # [B, Hk, top, D]
+        chunk_k, chunk_v = self.chunk.update(key[:, :, b:], value[:, :, b:], layer_idx)
+
+        def join(rows: Tensor, chunk: Tensor) -> Tensor:
+            flat = rows.transpose(0, 1).reshape(1, rows.shape[1], -1, rows.shape[3])
+            return torch.cat([flat, chunk], dim=2)
+
+        return join(rows_k, chunk_k), join(rows_v, chunk_v)
+
+    def end_step(self) -> None:
+        self.batch.end_step()
+        self.chunk.end_step()
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.chunk.get_seq_length(layer_idx)

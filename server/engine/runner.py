@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from server.engine.kv import KVGeometry, SlotBatch, SlotChunk, StaticSlots
+from server.engine.kv import FusedStep, KVGeometry, SlotBatch, SlotChunk, StaticSlots
 from veq.models import decoder_layers, get_architecture, get_module
 from veq.models.capture import LayerInputs, capture_layer_inputs
 from veq.models.patch_embed import linearize_patch_embeddings
@@ -228,6 +228,50 @@ class ModelRunner:
         if job.done < job.length:
             return None
         return self.lm_head(self.text.norm(hidden)[:, -1]).float()[0]
+
+    @torch.no_grad()
+    def decode_and_chunk(
+        self, tokens: list[int], positions: Tensor, job: ChunkedPrefill, kv: FusedStep
+    ) -> tuple[Tensor, Tensor | None]:
+        """`decode` of B rows and `prefill_chunk` of the next `kv.chunk.n` positions of `job`
+        in one forward, so that the step pays each layer's fixed cost (on the CPU, every
+        expert's dequantization) once. Returns the rows' logits `[B, V]` and, once the prompt
+        is done, its first token's logits `[V]` (else None); both fp32."""
+        b, n = len(tokens), kv.chunk.n
+        a, end = job.done, job.done + n
+        captured = job.inputs
+        ids = torch.tensor(tokens, device=self.device)
+        rows = self.text.embed_tokens(ids.unsqueeze(1))  # [B, 1, H]
+        hidden = torch.cat([rows.transpose(0, 1), captured.hidden[:, a:end].to(rows)], dim=1)
+        pos = positions.to(self.device)
+        position_ids = pos.view(1, b, 1).expand(3, b, 1)
+        cos_rows, sin_rows = self.text.rotary_emb(rows, position_ids)  # [B, 1, D]
+        cos, sin = captured.kwargs["position_embeddings"]
+        position_embeddings = (
+            torch.cat([cos_rows.transpose(0, 1), cos[:, a:end].to(cos_rows)], dim=1),
+            torch.cat([sin_rows.transpose(0, 1), sin[:, a:end].to(sin_rows)], dim=1),
+        )
+        kwargs = dict(captured.kwargs)
+        kwargs.update(
+            attention_mask=kv.mask().to(self.device, hidden.dtype),
+            cache=kv,
+            use_cache=True,
+            position_embeddings=position_embeddings,
+        )
+        post = _chunk_post_layer_kwargs(captured.text_kwargs, a, end)
+        if "visual_pos_masks" in post:  # the rows hold no image position
+            none = torch.zeros(1, b, dtype=torch.bool, device=self.device)
+            post["visual_pos_masks"] = torch.cat([none, post["visual_pos_masks"]], dim=1)
+        for i, layer in enumerate(self.layers):
+            out = layer(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            if self.arch.post_layer is not None:
+                hidden = self.arch.post_layer(i, hidden, post)
+        kv.end_step()
+        job.done = end
+        last = [*range(b), b + n - 1] if job.done == job.length else list(range(b))
+        logits = self.lm_head(self.text.norm(hidden[0, last])).float()
+        return logits[:b], (logits[b] if job.done == job.length else None)
 
     @torch.no_grad()
     def decode(self, tokens: list[int], positions: Tensor, kv: SlotBatch) -> Tensor:

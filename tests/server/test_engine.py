@@ -210,14 +210,18 @@ def test_long_prompts_prefill_in_chunks_between_decode_steps_and_match_greedy(se
     assert all(p["input_ids"].shape[1] > 24 for p in prompts)
     engine = Engine(runner, max_batch=8, max_step_tokens=24)
     engine.start()
-    chunks = []
-    real = runner.prefill_chunk
+    chunks, fused = [], []
+    real, real_fused = runner.prefill_chunk, runner.decode_and_chunk
 
     def spy(job, kv):
         chunks.append(kv.n)
         return real(job, kv)
 
-    runner.prefill_chunk = spy
+    def spy_fused(tokens, positions, job, kv):
+        fused.append(kv.chunk.n)
+        return real_fused(tokens, positions, job, kv)
+
+    runner.prefill_chunk, runner.decode_and_chunk = spy, spy_fused
 
     async def run() -> list[list[int]]:
         async def one(inputs: dict) -> list[int]:
@@ -230,8 +234,44 @@ def test_long_prompts_prefill_in_chunks_between_decode_steps_and_match_greedy(se
         got = asyncio.run(run())
     finally:
         engine.stop()
-    assert chunks and max(chunks) <= 24
-    assert sum(chunks) == sum(int(p["input_ids"].shape[1]) for p in prompts)
+    # Chunks ride in the decode forward once a batch is running; the first prompt's go alone.
+    assert chunks and fused and max(chunks + fused) <= 24
+    assert sum(chunks + fused) == sum(int(p["input_ids"].shape[1]) for p in prompts)
     for inputs, tokens in zip(prompts, got, strict=True):
         assert tokens == greedy_reference(model, inputs, 8)
     assert engine.kv_stats()["free_slots"] == engine.kv_stats()["slots"]
+
+
+def test_a_fused_decode_and_chunk_step_equals_the_two_forwards(setup):
+    """Decode rows and a prompt's chunk (with an image: deepstack features on its positions) in
+    one forward give the rows' logits, the caches and the prompt's first-token logits of two."""
+    from server.engine.kv import FusedStep
+
+    model, processor, prompts = setup
+    runner = ModelRunner(model, processor, ModelInfo("tiny", "none", 16, None, 0))
+    pools = [KVPool(runner.kv_geometry(), 4, 512) for _ in range(2)]
+    rows = [0, 2]
+    positions = []
+    for pool in pools:
+        for slot, inputs in zip((0, 1, 2), prompts[1:4], strict=True):
+            pre = runner.prefill([inputs])[0]
+            assert pool.allocate() == slot
+            pool.write(slot, pre.keys, pre.values)
+            positions.append(pre.next_position)
+        pool.release(1)  # the chunked prompt takes the freed slot 1: rows are not one range
+        assert pool.allocate() == 1
+    positions = torch.tensor([positions[0], positions[2]])
+    jobs = [runner.start_prefill(prompts[0]) for _ in pools]
+    separate, fused = pools
+    for step, n in enumerate((9, 11, jobs[0].length - 20)):
+        tokens = [5 + step, 17 + step]
+        want = runner.decode(tokens, positions + step, separate.batch(rows))
+        want_first = runner.prefill_chunk(jobs[0], separate.chunk(1, n))
+        step_kv = FusedStep(fused.batch(rows), fused.chunk(1, n))
+        got, got_first = runner.decode_and_chunk(tokens, positions + step, jobs[1], step_kv)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert (got_first is None) == (want_first is None)
+    torch.testing.assert_close(got_first, want_first, rtol=1e-4, atol=1e-4)
+    assert fused.lengths.tolist() == separate.lengths.tolist()
+    for k_fused, k_separate in zip(fused.keys, separate.keys, strict=True):
+        torch.testing.assert_close(k_fused, k_separate, rtol=1e-4, atol=1e-5)

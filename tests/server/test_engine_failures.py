@@ -249,3 +249,53 @@ def test_stop_ends_running_requests(parts):
 
     events = asyncio.run(asyncio.wait_for(run(), timeout=60))
     assert events[-1].finish_reason == "cancelled"
+
+
+def test_a_raising_fused_step_ends_its_rows_and_the_chunked_prompt(parts):
+    """A decode forward that carries a long prompt's chunk and raises ends both the batch's
+    rows and that prompt, each with one error; the engine serves on."""
+    model, processor = parts
+    runner = ModelRunner(model, processor, ModelInfo("tiny", "none", 16, None, 0))
+    runner.eos_ids = set()
+    real = runner.decode_and_chunk
+    calls = {"n": 0}
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fused failure")
+        return real(*args)
+
+    runner.decode_and_chunk = failing
+    engine = Engine(runner, max_batch=8, max_step_tokens=16)
+    engine.start()
+    try:
+
+        async def run():
+            short = GenerationRequest(_prompt(40, 8), SamplingParams(max_tokens=50, temperature=0))
+            long = GenerationRequest(_prompt(41, 60), SamplingParams(max_tokens=3, temperature=0))
+            queue = engine.submit(short)
+            first = await asyncio.wait_for(queue.get(), 30)  # decoding before the long one comes
+            events = [first]
+
+            async def rest(q):
+                out = []
+                while not out or out[-1].finish_reason is None:
+                    out.append(await q.get())
+                return out
+
+            long_events = asyncio.create_task(rest(engine.submit(long)))
+            events += await asyncio.wait_for(rest(queue), 30)
+            return events, await asyncio.wait_for(long_events, 30)
+
+        rows, chunked = asyncio.run(run())
+        assert calls["n"] >= 1
+        for got in (rows, chunked):
+            assert sum(e.finish_reason is not None for e in got) == 1
+            assert got[-1].finish_reason == "error"
+        assert "decode" in rows[-1].error and "prefill" in chunked[-1].error
+        (later,) = _run_all(engine, [_prompt(42, 40)], _greedy(4))
+        assert later[-1].finish_reason == "length" and sum(len(e.token_ids) for e in later) == 4
+        assert engine.kv_stats()["free_slots"] == engine.kv_stats()["slots"]
+    finally:
+        engine.stop()
