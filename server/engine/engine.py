@@ -52,7 +52,7 @@ class EngineObserver:
     on_step: Callable[[int], None] = lambda batch_size: None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the engine finds sequences in lists
 class _Seq:
     req: GenerationRequest
     runner: ModelRunner
@@ -113,7 +113,7 @@ class _Seq:
         return delta, None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `x in self._chunking` must not compare tensors
 class _Chunked:
     """A request whose prompt is being prefilled in chunks into `slot`."""
 
@@ -124,7 +124,7 @@ class _Chunked:
     """None until its turn: started one at a time, so arrivals do not pile up in one step."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Batch:
     runner: ModelRunner
     seqs: list[_Seq] = field(default_factory=list)
@@ -577,7 +577,15 @@ class Engine:
             assert c.job is not None  # started by `_fusable`
             kv = FusedStep(self.kv.batch(slots), self.kv.chunk(c.slot, n))
             positions_t = torch.tensor([s.position for s in batch.seqs])
+            done = c.job.done
             logits, first = batch.runner.decode_and_chunk(last, positions_t, c.job, kv)
+            if not bool(torch.isfinite(logits).all()):
+                # In one sequence a NaN anywhere reaches every row (attention's 0 · NaN): undo
+                # and run apart, where a non-finite row ends alone and the chunk waits.
+                kv.rollback()
+                c.job.done = done
+                logits = batch.runner.decode(last, positions_t, self.kv.batch(slots))
+                first, chunk = None, None
         else:
             positions_t = torch.tensor([s.position for s in batch.seqs])
             logits = batch.runner.decode(last, positions_t, self.kv.batch(slots))

@@ -308,5 +308,11 @@ class FusedStep:
         self.batch.end_step()
         self.chunk.end_step()
 
+    def rollback(self) -> None:
+        """Undo `end_step`: the positions written stay, and the step run again overwrites them."""
+        pool = self.batch.pool
+        pool.lengths[self.batch._index] -= 1
+        pool.lengths[self.chunk.slot] -= self.chunk.n
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.chunk.get_seq_length(layer_idx)

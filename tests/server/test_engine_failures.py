@@ -296,6 +296,59 @@ def test_a_raising_fused_step_ends_its_rows_and_the_chunked_prompt(parts):
         assert "decode" in rows[-1].error and "prefill" in chunked[-1].error
         (later,) = _run_all(engine, [_prompt(42, 40)], _greedy(4))
         assert later[-1].finish_reason == "length" and sum(len(e.token_ids) for e in later) == 4
+        assert engine.drain(timeout=5)  # the last slot is freed just after its final event
+        assert engine.kv_stats()["free_slots"] == engine.kv_stats()["slots"]
+    finally:
+        engine.stop()
+
+
+def test_a_non_finite_row_in_a_fused_step_still_ends_alone(parts):
+    """In the fused forward a NaN in one row reaches every row through attention (simulated
+    here: all rows' logits NaN). The step is undone and run apart, so that only the bad row
+    ends, the healthy row decodes on, and the chunked prompt completes."""
+    model, processor = parts
+    runner = FaultyRunner(
+        model, processor, ModelInfo("tiny", "none", 16, None, 0), fault="decode-nan"
+    )
+    runner.eos_ids = set()
+    real = runner.decode_and_chunk
+    fused = {"n": 0}
+
+    def spreading(tokens, positions, job, kv):
+        fused["n"] += 1
+        logits, first = real(tokens, positions, job, kv)
+        if bool((positions >= LONG).any()):
+            logits[:] = float("nan")
+        return logits, first
+
+    runner.decode_and_chunk = spreading
+    engine = Engine(runner, max_batch=8, max_step_tokens=40)
+    engine.start()
+    try:
+
+        async def run():
+            async def collect(q):
+                out = []
+                while not out or out[-1].finish_reason is None:
+                    out.append(await q.get())
+                return out
+
+            bad = engine.submit(GenerationRequest(_prompt(50, LONG), _greedy(8)(0)))
+            good = engine.submit(GenerationRequest(_prompt(51, 12), _greedy(8)(0)))
+            first_bad, first_good = await bad.get(), await good.get()
+            # One token: its decode rows would sit past LONG, where the fault NaNs every row.
+            long = engine.submit(GenerationRequest(_prompt(52, 60), _greedy(1)(0)))
+            got = await asyncio.wait_for(
+                asyncio.gather(collect(bad), collect(good), collect(long)), 30
+            )
+            return [first_bad, *got[0]], [first_good, *got[1]], got[2]
+
+        bad, good, long = asyncio.run(run())
+        assert fused["n"] >= 1
+        assert bad[-1].finish_reason == "error" and "non-finite" in bad[-1].error
+        assert good[-1].finish_reason == "length" and sum(len(e.token_ids) for e in good) == 8
+        assert long[-1].finish_reason == "length" and sum(len(e.token_ids) for e in long) == 1
+        assert engine.drain(timeout=5)
         assert engine.kv_stats()["free_slots"] == engine.kv_stats()["slots"]
     finally:
         engine.stop()
