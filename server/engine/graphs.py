@@ -139,7 +139,9 @@ class StaticDecoder:
         if self._mempool is None:
             self._mempool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
+        # thread_local: a requantization job working the GPU on its own thread meanwhile
+        # neither breaks this capture nor is broken by it.
+        with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
             self._logits[:rows].copy_(self._eager(rows, top))
         self._graphs[(rows, top)] = graph
         log.info("captured the decode step for %d rows of up to %d positions", rows, top)
