@@ -83,6 +83,8 @@ class StaticDecoder:
         pool, b = self.pool, len(tokens)
         lengths = pool.lengths[slots]
         rows, top = self.bucket(b, int(lengths.max()) + 1)
+        for slot, n in zip(slots, lengths.tolist(), strict=True):
+            pool.mark(slot, n + 1)
         pad = rows - b
         host = torch.tensor(
             [

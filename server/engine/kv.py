@@ -92,6 +92,10 @@ class KVPool:
             self.keys, self.values = pool.submit(allocate).result()
         self.lengths = torch.zeros(rows, dtype=torch.long)
         self._free = list(range(slots))  # a min-heap: the lowest free slot first
+        self._is_free = [True] * slots
+        # Per slot, how far a step may have written since allocation: a step that raised wrote
+        # past `lengths` without advancing it, and release must clear that too.
+        self.touched = [0] * rows
 
     # -- accounting ----------------------------------------------------------------------
 
@@ -114,22 +118,37 @@ class KVPool:
 
     def allocate(self) -> int | None:
         """The lowest free slot (now owned by the caller), or None when all are taken."""
-        return heapq.heappop(self._free) if self._free else None
+        if not self._free:
+            return None
+        slot = heapq.heappop(self._free)
+        self._is_free[slot] = False
+        return slot
 
     def release(self, slot: int) -> None:
-        """Free `slot`, zeroing what it held: a shorter next occupant's batch reads past its
-        length (masked, but a NaN left by a failed row would poison it: 0 · NaN is NaN)."""
-        n = int(self.lengths[slot])
+        """Free `slot`, zeroing what it held, written positions past its length included: a
+        shorter next occupant's batch reads past its length (masked, but a NaN left by a failed
+        row would poison it: 0 · NaN is NaN). Releasing a free slot does nothing (a failure
+        path may reach a slot twice; the heap must never hold it twice)."""
+        if self._is_free[slot]:
+            return
+        n = max(int(self.lengths[slot]), self.touched[slot])
         for buf in self.keys + self.values:
             buf[slot, :, :n] = 0
         self.lengths[slot] = 0
+        self.touched[slot] = 0
+        self._is_free[slot] = True
         heapq.heappush(self._free, slot)
+
+    def mark(self, slot: int, upto: int) -> None:
+        """Positions up to `upto` of `slot` are about to be written."""
+        self.touched[slot] = max(self.touched[slot], min(upto, self.max_len))
 
     def write(self, slot: int, keys: list[Tensor], values: list[Tensor]) -> None:
         """Put a prefill's cache (per layer `[1, Hk, n, D]`) at the start of `slot`."""
         n = int(keys[0].shape[2])
         if n > self.max_len:
             raise ValueError(f"{n} positions do not fit a slot of {self.max_len}")
+        self.mark(slot, n)
         for buf, k in zip(self.keys, keys, strict=True):
             buf[slot, :, :n] = k[0]
         for buf, v in zip(self.values, values, strict=True):
@@ -173,6 +192,8 @@ class SlotBatch:
         self._top = int(lengths.max()) + 1
         if self._top > self.pool.max_len:
             raise ValueError("a sequence outgrew its slot (max_model_len)")
+        for slot, n in zip(self.slots, lengths.tolist(), strict=True):
+            self.pool.mark(slot, n + 1)
         valid = torch.arange(self._top).unsqueeze(0) <= lengths.unsqueeze(1)
         mask = torch.zeros(valid.shape, dtype=torch.float32)
         mask[~valid] = float("-inf")
@@ -205,6 +226,7 @@ class SlotChunk:
         self.start = int(pool.lengths[slot])
         if self.start + n > pool.max_len:
             raise ValueError(f"{self.start + n} positions do not fit a slot of {pool.max_len}")
+        pool.mark(slot, self.start + n)
 
     def causal_mask(self) -> Tensor:
         """The additive mask `[1, 1, n, len + n]` in fp32: chunk row i sees positions up to

@@ -155,3 +155,22 @@ def test_64_streams_under_a_budget_of_three_sequences_all_end(server_factory):
         f"{live.url}/v1/chat/completions", json=body | {"stream": False}, headers=auth, timeout=60
     )
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 12
+
+
+def test_release_clears_what_a_failed_step_wrote_and_twice_is_once():
+    """A chunk (or decode) step that raised wrote past the slot's length without advancing
+    it: release clears those positions too. Releasing a free slot again changes nothing, so
+    the next two allocations get two different slots."""
+    g = KVGeometry(layers=1, heads=1, dk=2, dv=2, dtype=torch.float32)
+    pool = KVPool(g, slots=2, max_len=16)
+    slot = pool.allocate()
+    pool.write(slot, *_prefill(3, 0, g))
+    chunk = pool.chunk(slot, 5)
+    nan = torch.full((1, 1, 5, 2), float("nan"))
+    chunk.update(nan, nan, 0)  # ... and then the forward raised: no end_step
+    assert int(pool.lengths[slot]) == 3 and pool.keys[0][slot].isnan().any()
+    pool.release(slot)
+    pool.release(slot)
+    assert not pool.keys[0].isnan().any() and torch.count_nonzero(pool.keys[0]) == 0
+    assert pool.free_slots == 2 and sorted([pool.allocate(), pool.allocate()]) == [0, 1]
+    assert pool.allocate() is None
