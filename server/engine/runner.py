@@ -209,25 +209,45 @@ class ModelRunner:
         a, b = job.done, job.done + kv.n
         captured = job.inputs
         cos, sin = captured.kwargs["position_embeddings"]
-        kwargs = dict(captured.kwargs)
+        hidden = self._chunk_layers(
+            captured.hidden[:, a:b],
+            job,
+            kv.causal_mask(),
+            kv,
+            (cos[:, a:b], sin[:, a:b]),
+            _chunk_post_layer_kwargs(captured.text_kwargs, a, b),
+        )
+        job.done = b
+        if job.done < job.length:
+            return None
+        return self.lm_head(self.text.norm(hidden)[:, -1]).float()[0]
+
+    def _chunk_layers(
+        self,
+        hidden: Tensor,
+        job: ChunkedPrefill,
+        mask: Tensor,
+        kv: SlotChunk | FusedStep,
+        position_embeddings: tuple[Tensor, Tensor],
+        post: dict[str, Any],
+    ) -> Tensor:
+        """Every decoder layer over `hidden: [1, S, H]` (a chunk, alone or after decode rows)
+        with `job`'s captured layer kwargs, the additive `mask` (fp32) and `kv`; the cache's
+        lengths advance. Returns the last layer's output `[1, S, H]`."""
+        kwargs = dict(job.inputs.kwargs)
         kwargs.update(
-            attention_mask=kv.causal_mask().to(self.device, captured.hidden.dtype),
+            attention_mask=mask.to(self.device, hidden.dtype),
             cache=kv,
             use_cache=True,
-            position_embeddings=(cos[:, a:b], sin[:, a:b]),
+            position_embeddings=position_embeddings,
         )
-        post = _chunk_post_layer_kwargs(captured.text_kwargs, a, b)
-        hidden = captured.hidden[:, a:b]
         for i, layer in enumerate(self.layers):
             out = layer(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
             if self.arch.post_layer is not None:
                 hidden = self.arch.post_layer(i, hidden, post)
         kv.end_step()
-        job.done = b
-        if job.done < job.length:
-            return None
-        return self.lm_head(self.text.norm(hidden)[:, -1]).float()[0]
+        return hidden
 
     @torch.no_grad()
     def decode_and_chunk(
@@ -251,23 +271,11 @@ class ModelRunner:
             torch.cat([cos_rows.transpose(0, 1), cos[:, a:end].to(cos_rows)], dim=1),
             torch.cat([sin_rows.transpose(0, 1), sin[:, a:end].to(sin_rows)], dim=1),
         )
-        kwargs = dict(captured.kwargs)
-        kwargs.update(
-            attention_mask=kv.mask().to(self.device, hidden.dtype),
-            cache=kv,
-            use_cache=True,
-            position_embeddings=position_embeddings,
-        )
         post = _chunk_post_layer_kwargs(captured.text_kwargs, a, end)
         if "visual_pos_masks" in post:  # the rows hold no image position
             none = torch.zeros(1, b, dtype=torch.bool, device=self.device)
             post["visual_pos_masks"] = torch.cat([none, post["visual_pos_masks"]], dim=1)
-        for i, layer in enumerate(self.layers):
-            out = layer(hidden, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-            if self.arch.post_layer is not None:
-                hidden = self.arch.post_layer(i, hidden, post)
-        kv.end_step()
+        hidden = self._chunk_layers(hidden, job, kv.mask(), kv, position_embeddings, post)
         job.done = end
         last = [*range(b), b + n - 1] if job.done == job.length else list(range(b))
         logits = self.lm_head(self.text.norm(hidden[0, last])).float()
