@@ -70,7 +70,11 @@ class ModelSize:
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings; stored in the run directory and reused on resume."""
+    """Optimisation settings; stored in the run directory and reused on resume.
+
+    `pointer_weight` > 0 adds the pointer loss (`pointer_loss`) on the attention heads named in
+    `pointer_heads` ("layer.head,..."); `init` names another run's checkpoint whose model and
+    auxiliary head a new run starts from (fresh optimiser and schedule)."""
 
     steps: int = 4000
     batch: int = 32
@@ -83,6 +87,9 @@ class TrainConfig:
     clip: float = 1.0
     balance_coef: float = 0.01
     aux_weight: float = 0.5
+    pointer_weight: float = 0.0
+    pointer_heads: str = "2.1,3.1"
+    init: str = ""
     seed: int = 0
     eval_every: int = 250
     eval_questions: int = 300
@@ -153,6 +160,29 @@ def answer_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (ce * weights).sum() / max(len(batch.spans), 1)
 
 
+def pointer_loss(attentions: list[torch.Tensor], batch: Batch, heads: list[int]) -> torch.Tensor:
+    """Mean over supervised answers and heads of −log(attention mass on the cells that show the
+    shapes the answer is about), at the position that predicts the answer. `attentions`: per
+    supervised layer `[B, H, S, S]` (softmax weights); `heads[i]`: the head of layer i.
+
+    Without it the decoder has to discover, from one-word answers alone, that "the triangle" means
+    reading the colour of the tokens where a triangle is; the first `mini` sat at chance on
+    every scene with two or more shapes after 12,000 steps, while answering one-shape scenes
+    perfectly. It constrains only where a head looks, not what the model answers."""
+    if not batch.pointers:
+        return torch.zeros(())
+    rows = torch.tensor([r for r, _, _ in batch.pointers])
+    queries = torch.tensor([q for _, q, _ in batch.pointers])
+    targets = torch.zeros(len(rows), attentions[0].shape[-1])  # [P, S]
+    for i, (_, _, keys) in enumerate(batch.pointers):
+        targets[i, keys] = 1.0
+    total = torch.zeros(())
+    for attn, head in zip(attentions, heads, strict=True):
+        mass = (attn[rows, head, queries] * targets).sum(-1)  # [P]
+        total = total - torch.log(mass + 1e-6).mean()
+    return total / len(heads)
+
+
 def balance_loss(router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor, top_k: int):
     """Switch-style load-balancing loss over the real (unpadded) tokens of every MoE layer:
     E · Σ_e f_e · P_e, with f_e the fraction of top-k slots and P_e the mean router probability.
@@ -204,7 +234,23 @@ class Trainer:
         self._merged: list[torch.Tensor] = []
         merger = self.model.model.visual.merger
         merger.register_forward_hook(lambda m, a, out: self._merged.append(out))
+        self._attn: dict[int, torch.Tensor] = {}
+        self.pointer_heads = [
+            tuple(int(v) for v in item.split(".")) for item in cfg.pointer_heads.split(",") if item
+        ]
+        if cfg.pointer_weight > 0:
+            # Attention weights exist only on the eager path; the model is the same.
+            self.model.set_attn_implementation("eager")
+            layers = self.model.model.language_model.layers
+            for layer, _ in self.pointer_heads:
+                layers[layer].self_attn.register_forward_hook(self._keep_attention(layer))
         self.valid = evaluation_set(cfg.eval_questions, VALID_SEEDS)
+
+    def _keep_attention(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, out: tuple[torch.Tensor, ...]) -> None:
+            self._attn[layer] = out[1]
+
+        return hook
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self) -> None:
@@ -224,6 +270,11 @@ class Trainer:
     def load(self) -> bool:
         path = self.run / CHECKPOINT
         if not path.exists():
+            if self.cfg.init:
+                state = torch.load(self.cfg.init, map_location="cpu", weights_only=False)
+                self.model.load_state_dict(state["model"])
+                self.head.load_state_dict(state["head"])
+                log.info("starting from %s (its step %d)", self.cfg.init, state["step"])
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
@@ -254,6 +305,7 @@ class Trainer:
 
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         self._merged.clear()
+        self._attn.clear()
         out = self.model(**batch.inputs, output_router_logits=True, use_cache=False)
         answer = answer_loss(out.logits, batch)
         balance = balance_loss(out.router_logits, batch.inputs["attention_mask"], self.size.top_k)
@@ -263,6 +315,11 @@ class Trainer:
             cells = self.head.loss(self._merged[-1], batch.cells)
             loss = loss + self.cfg.aux_weight * cells
             parts["cells"] = cells
+        if self.cfg.pointer_weight > 0:
+            attn = [self._attn[layer] for layer, _ in self.pointer_heads]
+            pointer = pointer_loss(attn, batch, [h for _, h in self.pointer_heads])
+            loss = loss + self.cfg.pointer_weight * pointer
+            parts["pointer"] = pointer
         parts["loss"] = loss
         return parts
 
@@ -314,13 +371,14 @@ class Trainer:
                 mean = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
                 now = time.perf_counter()
                 log.info(
-                    "step %d/%d loss %.4f answer %.4f cells %.4f balance %.3f lr %.2e "
-                    "gnorm %.2f %.2fs/step train %.0fs",
+                    "step %d/%d loss %.4f answer %.4f cells %.4f pointer %.4f balance %.3f "
+                    "lr %.2e gnorm %.2f %.2fs/step train %.0fs",
                     self.step,
                     self.cfg.steps,
                     mean["loss"],
                     mean["answer"],
                     mean.get("cells", float("nan")),
+                    mean.get("pointer", float("nan")),
                     mean["balance"],
                     mean["lr"],
                     mean["gnorm"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ MIN_PIXELS, MAX_PIXELS = 128 * 128, 192 * 192
 CELL_COVER = 0.12
 #: Horizontal and vertical position classes of a merged cell (its centre, in bins of the image).
 POSITION_BINS = 4
+#: A cell shows an object (a pointer target, `object_cells`) when it holds at least this share of
+#: the object's pixels in its fullest cell.
+OBJECT_SHARE = 0.3
 
 
 def _single_token(tok: Any, word: str) -> bool:
@@ -118,6 +121,31 @@ CELL_TARGETS = ("colors", "shapes", "centres", "cols", "rows")
 """The auxiliary per-cell targets (see `cell_targets`)."""
 
 
+def _cell_pixels(scene: Scene, grid_h: int, grid_w: int) -> Tensor:
+    """Pixels of each object in each merged cell (raster order over `grid_h/2 × grid_w/2`) of the
+    scene resized to `16·grid_w × 16·grid_h`: `[cells, 1 + objects]` int64, column 0 zeroed
+    (background)."""
+    ch, cw = grid_h // MERGE, grid_w // MERGE
+    side = PATCH * MERGE
+    owner = label_map(scene, cw * side, ch * side).reshape(ch, side, cw, side)
+    owner = torch.from_numpy(owner.transpose(0, 2, 1, 3).reshape(ch * cw, side * side).copy())
+    counts = F.one_hot(owner.long(), 1 + len(scene.shapes)).sum(1)
+    counts[:, 0] = 0
+    return counts
+
+
+def object_cells(scene: Scene, grid_h: int, grid_w: int) -> list[Tensor]:
+    """Per object of the scene, the merged cells (indices as in `cell_targets`) that show it:
+    those holding at least OBJECT_SHARE of its pixels in its fullest cell, so a small shape still
+    has the cell it sits in. `[K]` int64 each."""
+    counts = _cell_pixels(scene, grid_h, grid_w)[:, 1:]  # [cells, objects]
+    fullest = counts.max(0).values.clamp(min=1)
+    return [
+        torch.nonzero(counts[:, i] >= OBJECT_SHARE * fullest[i])[:, 0]
+        for i in range(counts.shape[1])
+    ]
+
+
 def cell_targets(scene: Scene, grid_h: int, grid_w: int) -> dict[str, Tensor]:
     """Per merged cell (raster order over `grid_h/2 × grid_w/2`, the processor's patch grid) of
     the scene resized to `16·grid_w × 16·grid_h` pixels, each `[cells]` int64:
@@ -132,10 +160,7 @@ def cell_targets(scene: Scene, grid_h: int, grid_w: int) -> dict[str, Tensor]:
     """
     ch, cw = grid_h // MERGE, grid_w // MERGE
     side = PATCH * MERGE
-    owner = label_map(scene, cw * side, ch * side).reshape(ch, side, cw, side)
-    owner = torch.from_numpy(owner.transpose(0, 2, 1, 3).reshape(ch * cw, side * side).copy())
-    counts = F.one_hot(owner.long(), 1 + len(scene.shapes)).sum(1)  # [cells, 1 + objects]
-    counts[:, 0] = 0
+    counts = _cell_pixels(scene, grid_h, grid_w)  # [cells, 1 + objects]
     best = counts.argmax(1)
     covered = counts.gather(1, best[:, None])[:, 0] >= CELL_COVER * side * side
     color_ids = torch.tensor([0] + [1 + list(COLORS).index(s.color) for s in scene.shapes])
@@ -168,13 +193,16 @@ class Batch:
     `labels`: `[B, S]` int64, the token at each answer position (answer tokens and the closing
     `<|im_end|>`), -100 elsewhere. `spans`: per answer (batch row, first, last position inclusive,
     family). `cells`: the auxiliary vision targets `[C]` int64 per name of CELL_TARGETS (see
-    `cell_targets`), images in order.
+    `cell_targets`), images in order. `pointers`: per answer read off shapes of the image (a
+    question's `about`), its batch row, the position that predicts the answer's first token, and
+    the image-token positions showing those shapes `[K]` int64 (`object_cells`).
     """
 
     inputs: dict[str, Tensor]
     labels: Tensor
     spans: list[tuple[int, int, int, str]]
     cells: dict[str, Tensor]
+    pointers: list[tuple[int, int, Tensor]] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -230,15 +258,26 @@ class Encoder:
             **vision,
         }
         cells: dict[str, Tensor] = {}
+        pointers: list[tuple[int, int, Tensor]] = []
         if targets and with_images:
             if any(sm.scene is None for sm in with_images):
                 raise ValueError("cell targets need every image's scene")
-            per_image = [
-                cell_targets(sm.scene, int(g[1]), int(g[2]))
-                for sm, g in zip(with_images, vision["image_grid_thw"], strict=True)
-            ]
+            grids = iter(vision["image_grid_thw"])
+            per_image = []
+            for row, sample in enumerate(samples):
+                if sample.scene is None or sample.image is None:
+                    continue
+                _, gh, gw = (int(v) for v in next(grids))
+                per_image.append(cell_targets(sample.scene, gh, gw))
+                shown = object_cells(sample.scene, gh, gw)
+                image_pos = torch.nonzero(input_ids[row] == self.image_pad)[:, 0]
+                answers = [sp for sp in spans if sp[0] == row]
+                for qa, (_, start, _, _) in zip(sample.qas, answers, strict=True):
+                    if qa.about:
+                        keys = torch.cat([shown[i] for i in qa.about]).unique()
+                        pointers.append((row, start - 1, image_pos[keys]))
             cells = {name: torch.cat([t[name] for t in per_image]) for name in CELL_TARGETS}
-        return Batch(inputs, labels, spans, cells)
+        return Batch(inputs, labels, spans, cells, pointers)
 
 
 def calibration_samples(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import colorsys
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,11 +131,14 @@ class Scene:
 
 @dataclass(frozen=True)
 class QA:
-    """One question of `family` and its exact answer."""
+    """One question of `family` and its exact answer; `about` indexes the scene's shapes that the
+    answer is read from (the one asked about, or those counted or found; empty for text
+    questions and for a "no")."""
 
     family: str
     question: str
     answer: str
+    about: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -360,6 +364,10 @@ def article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
+def _indices(scene: Scene, match: Callable[[Shape], bool]) -> tuple[int, ...]:
+    return tuple(i for i, o in enumerate(scene.shapes) if match(o))
+
+
 def _unique(scene: Scene, key: str, value: str) -> bool:
     return sum(getattr(s, key) == value for s in scene.shapes) == 1
 
@@ -397,7 +405,7 @@ def _ask_color(scene: Scene, rng: random.Random) -> QA | None:
             "Tell me the color of {r}.",
         ]
     )
-    return QA("color", template.format(r=ref), obj.color)
+    return QA("color", template.format(r=ref), obj.color, _indices(scene, lambda o: o is obj))
 
 
 def _ask_shape(scene: Scene, rng: random.Random) -> QA | None:
@@ -413,7 +421,7 @@ def _ask_shape(scene: Scene, rng: random.Random) -> QA | None:
                 f"What shape is the {obj.color} object?",
             ]
         )
-        return QA("shape", q, obj.shape)
+        return QA("shape", q, obj.shape, (0,))
     pool = [o for o in scene.shapes if _unique(scene, "color", o.color)]
     if not pool:
         return None
@@ -428,7 +436,7 @@ def _ask_shape(scene: Scene, rng: random.Random) -> QA | None:
             "Name the shape of {r}.",
         ]
     )
-    return QA("shape", template.format(r=ref), obj.shape)
+    return QA("shape", template.format(r=ref), obj.shape, _indices(scene, lambda o: o is obj))
 
 
 def _ask_count(scene: Scene, rng: random.Random) -> QA:
@@ -444,16 +452,16 @@ def _ask_count(scene: Scene, rng: random.Random) -> QA:
                 "How many things are there?",
             ]
         )
-        return QA("count", q, str(len(scene.shapes)))
+        return QA("count", q, str(len(scene.shapes)), tuple(range(len(scene.shapes))))
     if kind == "color":
         color = rng.choice([s.color for s in scene.shapes] + list(COLORS))
         q = rng.choice(["How many {c} shapes are there?", "Count the {c} shapes."])
-        n = sum(s.color == color for s in scene.shapes)
-        return QA("count", q.format(c=color), str(n))
+        about = _indices(scene, lambda o: o.color == color)
+        return QA("count", q.format(c=color), str(len(about)), about)
     shape = rng.choice([s.shape for s in scene.shapes] + list(SHAPES))
     q = rng.choice(["How many {s} are there?", "How many {s} can you see?"])
-    n = sum(s.shape == shape for s in scene.shapes)
-    return QA("count", q.format(s=plural(shape)), str(n))
+    about = _indices(scene, lambda o: o.shape == shape)
+    return QA("count", q.format(s=plural(shape)), str(len(about)), about)
 
 
 def _ask_exists(scene: Scene, rng: random.Random) -> QA:
@@ -470,7 +478,8 @@ def _ask_exists(scene: Scene, rng: random.Random) -> QA:
         q = rng.choice(
             ["Is there {a} {s}?", "Does the image contain {a} {s}?", "Can you see {a} {s}?"]
         )
-        return QA("exists", q.format(a=article(color), s=shape), "yes" if yes else "no")
+        about = _indices(scene, lambda o: (o.color, o.shape) == (color, shape))
+        return QA("exists", q.format(a=article(color), s=shape), "yes" if yes else "no", about)
     attr, names = ("shape", SHAPES) if kind == "shape" else ("color", tuple(COLORS))
     present_names = {getattr(s, attr) for s in scene.shapes}
     # A colour the picture shows elsewhere (outline edges) is no clean "no".
@@ -485,7 +494,8 @@ def _ask_exists(scene: Scene, rng: random.Random) -> QA:
         if name not in ("black", "grey", "white"):  # backgrounds may well be one of those
             q.append("Is there anything {n}?")
         q = rng.choice(q)
-    return QA("exists", q.format(n=name, a=article(name)), "yes" if yes else "no")
+    about = _indices(scene, lambda o: getattr(o, attr) == name)
+    return QA("exists", q.format(n=name, a=article(name)), "yes" if yes else "no", about)
 
 
 def side(scene: Scene, obj: Shape, axis: str) -> str | None:
@@ -523,7 +533,8 @@ def _ask_position(scene: Scene, rng: random.Random) -> QA | None:
                 "Is {r} top or bottom?",
             ]
         )
-    return QA("position", q.format(r=ref), side(scene, obj, axis) or "")
+    about = _indices(scene, lambda o: o is obj)
+    return QA("position", q.format(r=ref), side(scene, obj, axis) or "", about)
 
 
 def _ask_text(rng: random.Random) -> QA:

@@ -16,6 +16,7 @@ from veq.reference.encode import (
     Encoder,
     calibration_conversations,
     cell_targets,
+    object_cells,
     reference_processor,
     to_conversation,
     write_calibration_jsonl,
@@ -156,3 +157,30 @@ def test_cell_targets_sit_where_the_colour_is_on_a_non_square_image(processor):
     assert (colour[torch.from_numpy(near > 0.5)] == label).all()
     assert (colour[torch.from_numpy(near == 0)] == 0).all()
     assert (near > 0.5).any() and (near == 0).any()
+
+
+def test_every_object_has_cells_and_its_centre_cell_among_them():
+    for s in map(shapes.sample, range(40)):
+        cells = object_cells(s.scene, 8, 12)  # 192×128: 6×4 cells
+        assert len(cells) == len(s.scene.shapes)
+        for obj, own in zip(s.scene.shapes, cells, strict=True):
+            assert own.numel() >= 1 and own.max() < 24
+            if obj.fill is not None:  # a hollow shape's centre shows the background
+                centre = int(obj.cy / s.scene.height * 4) * 6 + int(obj.cx / s.scene.width * 6)
+                big = obj.size / min(s.scene.width, s.scene.height) > 0.3
+                assert centre in own.tolist() or not big
+
+
+def test_pointers_aim_from_the_answers_prompt_at_the_asked_shapes_tokens(processor):
+    samples = [shapes.training_sample(seed, 4, 0.3) for seed in range(12)]
+    batch = Encoder(processor)(samples, targets=True)
+    ids = batch.inputs["input_ids"]
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    expected = sum(bool(qa.about) for s in samples if s.image is not None for qa in s.qas)
+    assert len(batch.pointers) == expected > 0
+    firsts = {(row, start) for row, start, _, _ in batch.spans}
+    for row, query, keys in batch.pointers:
+        assert (row, query + 1) in firsts  # the position whose logits give the answer
+        assert keys.numel() >= 1 and (ids[row, keys] == image_pad).all()
+        assert samples[row].image is not None
+    assert not Encoder(processor)(samples).pointers  # targets only on request

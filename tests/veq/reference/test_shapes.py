@@ -238,3 +238,25 @@ def test_label_map_follows_the_processors_stretch():
     sx, sy, r = 192 / 132, 128 / 76, obj.size / 2
     assert abs(ys.min() - (obj.cy - r) * sy) < 2 and abs(ys.max() - (obj.cy + 0.8 * r) * sy) < 2
     assert abs(xs.min() - (obj.cx - r) * sx) < 2 and abs(xs.max() - (obj.cx + r) * sx) < 2
+
+
+@pytest.mark.parametrize("family", shapes.VISION_FAMILIES)
+def test_about_names_the_shapes_the_answer_is_read_from(family):
+    """`QA.about` (the pointer loss's targets) agrees with the answer it explains."""
+    for seed in range(150):
+        scene, (qa,) = qs(seed, 1, (family,))
+        about = [scene.shapes[i] for i in qa.about]
+        assert len(set(qa.about)) == len(qa.about)
+        if family in ("color", "shape", "position"):
+            assert len(about) == 1, qa
+            obj = about[0]
+            if family == "color":
+                assert obj.color == qa.answer
+            elif family == "shape":
+                assert obj.shape == qa.answer
+            else:
+                assert obj is _referent(qa.question, scene.shapes)
+        elif family == "count":
+            assert str(len(about)) == qa.answer, qa
+        else:
+            assert bool(about) == (qa.answer == "yes"), qa

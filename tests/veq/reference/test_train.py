@@ -76,3 +76,46 @@ def test_training_data_does_not_depend_on_resume_point(tmp_path):
     assert t.batch(5).spans != a.spans or not torch.equal(
         t.batch(5).inputs["input_ids"], a.inputs["input_ids"]
     )
+
+
+def test_pointer_loss_of_known_attention():
+    from refmodel.train import pointer_loss
+    from veq.reference.encode import Batch
+
+    s = 10
+    pointers = [(0, 7, torch.tensor([2, 3])), (1, 9, torch.tensor([5]))]
+    batch = Batch({}, torch.zeros(2, s), [], {}, pointers)
+    uniform = torch.full((2, 2, s, s), 1.0 / s)
+    want = -(torch.log(torch.tensor(0.2)) + torch.log(torch.tensor(0.1))) / 2
+    assert torch.allclose(pointer_loss([uniform], batch, [1]), want, atol=1e-5)
+    sharp = torch.zeros(2, 2, s, s)
+    sharp[0, 1, 7, 3] = sharp[1, 1, 9, 5] = 1.0
+    assert float(pointer_loss([sharp, sharp], batch, [1, 1])) < 1e-5
+    assert float(pointer_loss([sharp], batch, [0])) > 10  # the other head looks elsewhere
+
+
+def test_warm_start_with_the_pointer_loss(tmp_path):
+    base = tmp_path / "base"
+    main(["--run", str(base), "--steps", "2", *TINY])
+    run = tmp_path / "tuned"
+    pointer = ["--pointer-weight", "1", "--pointer-heads", "0.1", "--init", str(base / CHECKPOINT)]
+    main(["--run", str(run), "--steps", "2", *TINY, *pointer])
+    log = (run / "train.log").read_text()
+    assert f"starting from {base / CHECKPOINT} (its step 2)" in log
+    assert 0 < float(log.split(" pointer ")[1].split()[0]) < 20
+    assert json.loads((run / "args.json").read_text())["cfg"]["pointer_weight"] == 1.0
+
+
+def test_init_loads_the_other_runs_weights_not_its_step(tmp_path):
+    from refmodel.train import ModelSize, TrainConfig, Trainer
+
+    base = tmp_path / "base"
+    main(["--run", str(base), "--steps", "2", *TINY])
+    stored = json.loads((base / "args.json").read_text())
+    size = ModelSize(**{**stored["size"], "deepstack": tuple(stored["size"]["deepstack"])})
+    cfg = TrainConfig(**{**stored["cfg"], "init": str(base / CHECKPOINT)})
+    t = Trainer(tmp_path / "tuned", size, cfg)
+    assert t.load() is False and t.step == 0  # a new run: fresh optimiser and schedule
+    source = torch.load(base / CHECKPOINT, weights_only=False)
+    for name, value in t.model.state_dict().items():
+        assert torch.equal(value, source["model"][name]), name
