@@ -21,6 +21,7 @@ import re
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from refmodel.plain import plain_set
+from refmodel.train import ModelSize, TrainConfig
 from veq.reference import MINI_CALIB
 from veq.reference.encode import Encoder, calibration_conversations, calibration_samples
 from veq.reference.evaluate import evaluate, heldout_samples, load_reference
@@ -229,6 +231,84 @@ def measure(
     return card
 
 
+def _stage_lines(cfg: dict[str, Any], steps: int) -> list[str]:
+    pointer = ""
+    if cfg.get("pointer_weight", 0) > 0:
+        heads = ", ".join(
+            f"layer {h.split('.')[0]} head {h.split('.')[1]}"
+            for h in cfg["pointer_heads"].split(",")
+        )
+        pointer = (
+            f", plus {cfg['pointer_weight']} × a pointer loss on two decoder heads ({heads}): "
+            "−log of the attention the position predicting an answer pays to the vision tokens "
+            "of the shapes the answer is read from (the one asked about, or those counted)"
+        )
+    return [
+        f"- {steps} steps of batch {cfg['batch']} sequences; each sequence is one image with "
+        f"{cfg['questions']} questions as a multi-turn chat, or ({_pct(cfg['text_fraction'])} %) "
+        f"{cfg['questions']} text-only questions.",
+        f"- Loss: cross-entropy on answer tokens (answer + `<|im_end|>`), plus "
+        f"{cfg['balance_coef']} × load-balancing loss, plus {cfg['aux_weight']} × an auxiliary "
+        "per-cell classification on the vision tower's merged tokens (colour and shape of the "
+        "object covering most of the cell, the number of object centres in it, and the cell's "
+        f"own column and row; a training-only head, not shipped){pointer}.",
+        f"- AdamW, lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine to {cfg['min_lr_ratio']}×), "
+        f"weight decay {cfg['weight_decay']}, clip {cfg['clip']}, seed {cfg['seed']}; fp32 on "
+        "CPU (two threads).",
+    ]
+
+
+def _flags(values: dict[str, Any], defaults: Any, skip: tuple[str, ...] = ()) -> str:
+    """The command-line flags that set `values` where they differ from the dataclass's."""
+    out = []
+    for f in fields(defaults):
+        v = values.get(f.name, f.default)
+        if f.name in skip or (tuple(v) if isinstance(v, list) else v) == f.default:
+            continue
+        shown = " ".join(map(str, v)) if isinstance(v, list | tuple) else v
+        out.append(f"--{f.name.replace('_', '-')} {shown}")
+    return " ".join(out)
+
+
+def _training_lines(t: dict[str, Any]) -> list[str]:
+    """How the model was trained: every stage (a warm start continues the one before), time,
+    data, and the commands that reproduce it."""
+    stages = [*t.get("earlier_stages", []), t]
+    lines: list[str] = []
+    commands = []
+    size = _flags(t["size"], ModelSize)
+    for i, st in enumerate(stages, 1):
+        if len(stages) > 1:
+            start = (
+                "from scratch"
+                if i == 1
+                else f"from stage {i - 1}'s weights and cell head, a fresh optimiser and "
+                "schedule, the training seeds again from the first"
+            )
+            lines.append(f"**Stage {i}** ({start}):")
+            lines.append("")
+        lines += _stage_lines(st["train"], st["steps"])
+        if len(stages) > 1:
+            lines.append("")
+        init = f" --init RUN{i - 1}/checkpoint.pt" if i > 1 else ""
+        cfg = _flags({**st["train"], "steps": st["steps"]}, TrainConfig, skip=("init",))
+        run = f"RUN{i}" if len(stages) > 1 else "RUN"
+        commands.append(f"`python -m refmodel.train --run {run}{init} {size} {cfg}`")
+    seconds = sum(st["train_seconds"] for st in stages)
+    last = "; the last stage" if len(stages) > 1 else ","
+    wall = t.get("wall_seconds")
+    lines += [
+        f"- Training time: {seconds / 60:.1f} min of step time"
+        + (f"{last} {wall / 60:.1f} min wall clock (with validation)." if wall else "."),
+        f"- Data: training seeds {_range(TRAIN_SEEDS)}, validation (used while training) "
+        f"{_range(VALID_SEEDS)}, calibration {_range(CALIB_SEEDS)}, held-out (this card only) "
+        f"{_range(HELDOUT_SEEDS)}.",
+        f"- Reproduce: {', then '.join(commands)}, then `python -m refmodel.train export "
+        f"--run {'RUN' + str(len(stages)) if len(stages) > 1 else 'RUN'} --out DIR`.",
+    ]
+    return lines
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -239,7 +319,6 @@ def render(card: dict[str, Any]) -> str:
     size, cfg = t["size"], t["train"]
     h = card["heldout"]
     p = card["plain"]
-    wall = t.get("wall_seconds")
     lines = [
         f"# {card['model']}: the ShapesVQA reference model",
         "",
@@ -277,24 +356,7 @@ def render(card: dict[str, Any]) -> str:
         "",
         "## Training",
         "",
-        f"- {t['steps']} steps of batch {cfg['batch']} sequences; each sequence is one image with "
-        f"{cfg['questions']} questions as a multi-turn chat, or ({_pct(cfg['text_fraction'])} %) "
-        f"{cfg['questions']} text-only questions.",
-        f"- Loss: cross-entropy on answer tokens (answer + `<|im_end|>`), plus "
-        f"{cfg['balance_coef']} × load-balancing loss, plus {cfg['aux_weight']} × an auxiliary "
-        "per-cell classification on the vision tower's merged tokens (colour and shape of the "
-        "object covering most of the cell, the number of object centres in it, and the cell's "
-        "own column and row; a training-only head, not shipped).",
-        f"- AdamW, lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine to {cfg['min_lr_ratio']}×), "
-        f"weight decay {cfg['weight_decay']}, clip {cfg['clip']}, seed {cfg['seed']}; fp32 on "
-        "CPU (two threads).",
-        f"- Training time: {t['train_seconds'] / 60:.1f} min of step time"
-        + (f", {wall / 60:.1f} min wall clock (with validation)." if wall else "."),
-        f"- Data: training seeds {_range(TRAIN_SEEDS)}, validation (used while training) "
-        f"{_range(VALID_SEEDS)}, calibration {_range(CALIB_SEEDS)}, held-out (this card only) "
-        f"{_range(HELDOUT_SEEDS)}.",
-        "- Reproduce: `python -m refmodel.train --run RUN --steps "
-        f"{t['steps']}` then `python -m refmodel.train export --run RUN --out DIR`.",
+        *_training_lines(t),
         "",
         "## Held-out accuracy (16-bit)",
         "",

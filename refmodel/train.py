@@ -231,6 +231,8 @@ class Trainer:
         )
         self.step = 0
         self.seconds = 0.0
+        self.stages: list[dict[str, Any]] = []
+        """The runs this one started from (`cfg.init`), oldest first: cfg, steps, seconds."""
         self._merged: list[torch.Tensor] = []
         merger = self.model.model.visual.merger
         merger.register_forward_hook(lambda m, a, out: self._merged.append(out))
@@ -262,6 +264,7 @@ class Trainer:
             "seconds": self.seconds,
             "size": asdict(self.size),
             "cfg": asdict(self.cfg),
+            "stages": self.stages,
         }
         tmp = self.run / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -274,6 +277,8 @@ class Trainer:
                 state = torch.load(self.cfg.init, map_location="cpu", weights_only=False)
                 self.model.load_state_dict(state["model"])
                 self.head.load_state_dict(state["head"])
+                done = {"cfg": state["cfg"], "steps": state["step"], "seconds": state["seconds"]}
+                self.stages = [*state.get("stages", []), done]
                 log.info("starting from %s (its step %d)", self.cfg.init, state["step"])
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -281,6 +286,7 @@ class Trainer:
         self.head.load_state_dict(state["head"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
+        self.stages = state.get("stages", [])
         # Validation rows written after this checkpoint belong to steps that run again.
         history = self.run / HISTORY
         if history.exists():
@@ -424,14 +430,26 @@ def export(run: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     processor.save_pretrained(out)
     info = {
         "size": state["size"],
-        "train": state["cfg"],
+        "train": _portable(state["cfg"]),
         "steps": state["step"],
         "train_seconds": round(state["seconds"], 1),
+        "earlier_stages": [
+            {"train": _portable(st["cfg"]), "steps": st["steps"], "train_seconds": st["seconds"]}
+            for st in state.get("stages", [])
+        ],
         "parameters": parameter_count(model),
         "dtype": str(dtype).removeprefix("torch."),
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+def _portable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A stage's settings without this machine's paths: `init` as run name / file name."""
+    if not cfg.get("init"):
+        return cfg
+    init = Path(cfg["init"])
+    return {**cfg, "init": f"{init.parent.name}/{init.name}"}
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -104,6 +104,11 @@ def test_warm_start_with_the_pointer_loss(tmp_path):
     assert f"starting from {base / CHECKPOINT} (its step 2)" in log
     assert 0 < float(log.split(" pointer ")[1].split()[0]) < 20
     assert json.loads((run / "args.json").read_text())["cfg"]["pointer_weight"] == 1.0
+    # The exported model says how it was made: both stages, no path of this machine.
+    info = json.loads((export(run, tmp_path / "model") / "training.json").read_text())
+    assert info["steps"] == 2 and info["train"]["init"] == "base/checkpoint.pt"
+    assert [st["steps"] for st in info["earlier_stages"]] == [2]
+    assert info["earlier_stages"][0]["train"]["pointer_weight"] == 0.0
 
 
 def test_init_loads_the_other_runs_weights_not_its_step(tmp_path):

@@ -1,0 +1,63 @@
+"""The model card says how the model was made: every training stage and the commands that
+reproduce it, rendered from `card.json` exactly as committed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from refmodel.card import CARD_JSON, CARD_MD, render
+from refmodel.train import ModelSize, TrainConfig
+from veq.reference import MINI_DIR
+
+
+def _training(stages: list[dict]) -> dict:
+    *earlier, last = stages
+    return {
+        "size": {**asdict(ModelSize()), "vision_depth": 4, "deepstack": [1, 2]},
+        **last,
+        "earlier_stages": earlier,
+        "parameters": 1,
+        "dtype": "bfloat16",
+    }
+
+
+def _card(training: dict) -> dict:
+    shipped = json.loads((MINI_DIR / CARD_JSON).read_text())
+    return {**shipped, "training": training}
+
+
+@pytest.mark.skipif(not (MINI_DIR / CARD_JSON).exists(), reason="no card.json shipped")
+def test_committed_card_is_its_rendered_json():
+    card = json.loads((MINI_DIR / CARD_JSON).read_text())
+    assert render(card) == (MINI_DIR / CARD_MD).read_text()
+
+
+@pytest.mark.skipif(not (MINI_DIR / CARD_JSON).exists(), reason="no card.json shipped")
+def test_a_warm_started_model_lists_both_stages_and_how_to_rerun_them():
+    first = {"train": {**asdict(TrainConfig()), "aux_weight": 1.0}, "steps": 12000}
+    second = {
+        "train": {
+            **asdict(TrainConfig()),
+            "lr": 0.001,
+            "pointer_weight": 1.0,
+            "init": "mini2/checkpoint.pt",
+        },
+        "steps": 6000,
+    }
+    first["train_seconds"], second["train_seconds"] = 600.0, 300.0
+    text = render(_card(_training([first, second])))
+    training = text.split("## Training")[1].split("## Held-out")[0]
+    assert "**Stage 1** (from scratch)" in training and "**Stage 2** (from stage 1's" in training
+    assert training.count("pointer loss") == 1  # stage 2 only
+    assert "layer 2 head 1, layer 3 head 1" in training
+    assert "15.0 min of step time" in training
+    assert (
+        "`python -m refmodel.train --run RUN1 --vision-depth 4 --deepstack 1 2 --steps 12000 "
+        "--aux-weight 1.0`, then `python -m refmodel.train --run RUN2 --init RUN1/checkpoint.pt "
+        "--vision-depth 4 --deepstack 1 2 --steps 6000 --lr 0.001 --pointer-weight 1.0`, then "
+        "`python -m refmodel.train export --run RUN2 --out DIR`" in training
+    )
+    assert "mini2/" not in training  # no path of the machine that trained it
