@@ -73,8 +73,10 @@ class TrainConfig:
     """Optimisation settings; stored in the run directory and reused on resume.
 
     `pointer_weight` > 0 adds the pointer loss (`pointer_loss`) on the attention heads named in
-    `pointer_heads` ("layer.head,..."); `init` names another run's checkpoint whose model and
-    auxiliary head a new run starts from (fresh optimiser and schedule)."""
+    `pointer_heads` ("layer.head,...", queried from the answer's position) and `word_heads`
+    (queried from the question's naming word; "" for none); `init` names another run's
+    checkpoint whose model and auxiliary head a new run starts from (fresh optimiser and
+    schedule)."""
 
     steps: int = 4000
     batch: int = 32
@@ -89,6 +91,7 @@ class TrainConfig:
     aux_weight: float = 0.5
     pointer_weight: float = 0.0
     pointer_heads: str = "2.1,3.1"
+    word_heads: str = "1.1"
     init: str = ""
     seed: int = 0
     eval_every: int = 250
@@ -160,21 +163,26 @@ def answer_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (ce * weights).sum() / max(len(batch.spans), 1)
 
 
-def pointer_loss(attentions: list[torch.Tensor], batch: Batch, heads: list[int]) -> torch.Tensor:
-    """Mean over supervised answers and heads of −log(attention mass on the cells that show the
-    shapes the answer is about), at the position that predicts the answer. `attentions`: per
-    supervised layer `[B, H, S, S]` (softmax weights); `heads[i]`: the head of layer i.
+def pointer_loss(
+    attentions: list[torch.Tensor],
+    pointers: list[tuple[int, int, torch.Tensor]],
+    heads: list[int],
+) -> torch.Tensor:
+    """Mean over `pointers` (`Batch.pointers` or `Batch.word_pointers`) and heads of −log(the
+    attention mass the query position pays to the cells that show the shapes its answer is
+    about). `attentions`: per supervised layer `[B, H, S, S]` (softmax weights); `heads[i]`: the
+    head of layer i.
 
     Without it the decoder has to discover, from one-word answers alone, that "the triangle" means
     reading the colour of the tokens where a triangle is; the first `mini` sat at chance on
     every scene with two or more shapes after 12,000 steps, while answering one-shape scenes
     perfectly. It constrains only where a head looks, not what the model answers."""
-    if not batch.pointers:
+    if not pointers:
         return torch.zeros(())
-    rows = torch.tensor([r for r, _, _ in batch.pointers])
-    queries = torch.tensor([q for _, q, _ in batch.pointers])
+    rows = torch.tensor([r for r, _, _ in pointers])
+    queries = torch.tensor([q for _, q, _ in pointers])
     targets = torch.zeros(len(rows), attentions[0].shape[-1])  # [P, S]
-    for i, (_, _, keys) in enumerate(batch.pointers):
+    for i, (_, _, keys) in enumerate(pointers):
         targets[i, keys] = 1.0
     total = torch.zeros(())
     for attn, head in zip(attentions, heads, strict=True):
@@ -198,6 +206,11 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor, to
         )
         total = total + e * (frac * probs.mean(0)).sum()
     return total / max(len(router_logits), 1)
+
+
+def _heads(spec: str) -> list[tuple[int, int]]:
+    """ "2.1,3.1" → [(2, 1), (3, 1)]: (layer, head) pairs."""
+    return [(int(a), int(b)) for a, b in (item.split(".") for item in spec.split(",") if item)]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -237,14 +250,15 @@ class Trainer:
         merger = self.model.model.visual.merger
         merger.register_forward_hook(lambda m, a, out: self._merged.append(out))
         self._attn: dict[int, torch.Tensor] = {}
-        self.pointer_heads = [
-            tuple(int(v) for v in item.split(".")) for item in cfg.pointer_heads.split(",") if item
-        ]
+        self.pointer_heads, self.word_heads = _heads(cfg.pointer_heads), _heads(cfg.word_heads)
         if cfg.pointer_weight > 0:
+            for layer, head in [*self.pointer_heads, *self.word_heads]:
+                if not (0 <= layer < size.layers and 0 <= head < size.heads):
+                    raise ValueError(f"no head {layer}.{head} in {size.layers} × {size.heads}")
             # Attention weights exist only on the eager path; the model is the same.
             self.model.set_attn_implementation("eager")
             layers = self.model.model.language_model.layers
-            for layer, _ in self.pointer_heads:
+            for layer in {layer for layer, _ in [*self.pointer_heads, *self.word_heads]}:
                 layers[layer].self_attn.register_forward_hook(self._keep_attention(layer))
         self.valid = evaluation_set(cfg.eval_questions, VALID_SEEDS)
 
@@ -322,10 +336,14 @@ class Trainer:
             loss = loss + self.cfg.aux_weight * cells
             parts["cells"] = cells
         if self.cfg.pointer_weight > 0:
-            attn = [self._attn[layer] for layer, _ in self.pointer_heads]
-            pointer = pointer_loss(attn, batch, [h for _, h in self.pointer_heads])
-            loss = loss + self.cfg.pointer_weight * pointer
-            parts["pointer"] = pointer
+            for name, heads, pointers in (
+                ("pointer", self.pointer_heads, batch.pointers),
+                ("word", self.word_heads, batch.word_pointers),
+            ):
+                if heads:
+                    attn = [self._attn[layer] for layer, _ in heads]
+                    parts[name] = pointer_loss(attn, pointers, [h for _, h in heads])
+                    loss = loss + self.cfg.pointer_weight * parts[name]
         parts["loss"] = loss
         return parts
 
@@ -377,14 +395,15 @@ class Trainer:
                 mean = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
                 now = time.perf_counter()
                 log.info(
-                    "step %d/%d loss %.4f answer %.4f cells %.4f pointer %.4f balance %.3f "
-                    "lr %.2e gnorm %.2f %.2fs/step train %.0fs",
+                    "step %d/%d loss %.4f answer %.4f cells %.4f pointer %.4f word %.4f "
+                    "balance %.3f lr %.2e gnorm %.2f %.2fs/step train %.0fs",
                     self.step,
                     self.cfg.steps,
                     mean["loss"],
                     mean["answer"],
                     mean.get("cells", float("nan")),
                     mean.get("pointer", float("nan")),
+                    mean.get("word", float("nan")),
                     mean["balance"],
                     mean["lr"],
                     mean["gnorm"],

@@ -35,6 +35,7 @@ from veq.reference.shapes import (
     Scene,
     answer_words,
     label_map,
+    plural,
     training_sample,
     vocabulary,
 )
@@ -193,9 +194,12 @@ class Batch:
     `labels`: `[B, S]` int64, the token at each answer position (answer tokens and the closing
     `<|im_end|>`), -100 elsewhere. `spans`: per answer (batch row, first, last position inclusive,
     family). `cells`: the auxiliary vision targets `[C]` int64 per name of CELL_TARGETS (see
-    `cell_targets`), images in order. `pointers`: per answer read off shapes of the image (a
-    question's `about`), its batch row, the position that predicts the answer's first token, and
-    the image-token positions showing those shapes `[K]` int64 (`object_cells`).
+    `cell_targets`), images in order. `pointers` and `word_pointers`: per answer read off shapes
+    of the image (a question's `about`), its batch row, a query position, and the image-token
+    positions showing those shapes `[K]` int64 (`object_cells`); the query is the position that
+    predicts the answer's first token (`pointers`) or the question's last colour or shape word,
+    the one that names what is asked about (`word_pointers`; questions without one, "How many
+    shapes are there?", have none).
     """
 
     inputs: dict[str, Tensor]
@@ -203,6 +207,7 @@ class Batch:
     spans: list[tuple[int, int, int, str]]
     cells: dict[str, Tensor]
     pointers: list[tuple[int, int, Tensor]] = field(default_factory=list)
+    word_pointers: list[tuple[int, int, Tensor]] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -218,9 +223,12 @@ class Encoder:
         ids = tok.convert_tokens_to_ids
         self.pad = int(tok.pad_token_id)
         self.im_end = ids("<|im_end|>")
+        self.im_start = ids("<|im_start|>")
         self.image_pad = ids("<|image_pad|>")
         self.prompt = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         self.images = processor.image_processor
+        words = [*COLORS, *SHAPES, *map(plural, SHAPES)]
+        self.attribute_words = {ids("Ġ" + w) for w in words}
 
     def __call__(self, samples: Sequence[Sample], targets: bool = False) -> Batch:
         """Encode `samples`; with `targets`, also the auxiliary per-cell targets."""
@@ -259,6 +267,7 @@ class Encoder:
         }
         cells: dict[str, Tensor] = {}
         pointers: list[tuple[int, int, Tensor]] = []
+        word_pointers: list[tuple[int, int, Tensor]] = []
         if targets and with_images:
             if any(sm.scene is None for sm in with_images):
                 raise ValueError("cell targets need every image's scene")
@@ -274,10 +283,23 @@ class Encoder:
                 answers = [sp for sp in spans if sp[0] == row]
                 for qa, (_, start, _, _) in zip(sample.qas, answers, strict=True):
                     if qa.about:
-                        keys = torch.cat([shown[i] for i in qa.about]).unique()
-                        pointers.append((row, start - 1, image_pos[keys]))
+                        keys = image_pos[torch.cat([shown[i] for i in qa.about]).unique()]
+                        pointers.append((row, start - 1, keys))
+                        word = self._naming_word(encoded[row], start - k)
+                        if word is not None:
+                            word_pointers.append((row, word, keys))
             cells = {name: torch.cat([t[name] for t in per_image]) for name in CELL_TARGETS}
-        return Batch(inputs, labels, spans, cells, pointers)
+        return Batch(inputs, labels, spans, cells, pointers, word_pointers)
+
+    def _naming_word(self, ids: list[int], prompt: int) -> int | None:
+        """The position of the last colour or shape word of the user turn before `prompt` (the
+        answer's `<|im_start|>assistant` position), None if it has none."""
+        for pos in range(prompt - 1, -1, -1):
+            if ids[pos] == self.im_start:  # the user turn's first token
+                return None
+            if ids[pos] in self.attribute_words:
+                return pos
+        return None
 
 
 def calibration_samples(

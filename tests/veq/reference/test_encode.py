@@ -184,3 +184,21 @@ def test_pointers_aim_from_the_answers_prompt_at_the_asked_shapes_tokens(process
         assert keys.numel() >= 1 and (ids[row, keys] == image_pad).all()
         assert samples[row].image is not None
     assert not Encoder(processor)(samples).pointers  # targets only on request
+    # The naming word: the question's last colour or shape word, "triangle" in "What color is
+    # the triangle?", "red" in "What shape is the red object?"; none in "How many shapes...".
+    words = {**{c: c for c in shapes.COLORS}, **{k: k for k in shapes.SHAPES}}
+    words.update({shapes.plural(k): k for k in shapes.SHAPES})
+    tok = processor.tokenizer
+    named = 0
+    for row, query, keys in batch.word_pointers:
+        word = tok.convert_ids_to_tokens(int(ids[row, query])).removeprefix("Ġ")
+        assert word in words
+        assert any(
+            (r, k) == (row, kk) and torch.equal(keys, ks)
+            for r, k, ks in batch.pointers
+            for kk in [k]
+        )
+        named += 1
+    asked = [qa for s in samples if s.image is not None for qa in s.qas if qa.about]
+    with_word = [qa for qa in asked if any(w in qa.question.rstrip("?.").split() for w in words)]
+    assert named == len(with_word) > 0

@@ -80,11 +80,9 @@ def test_training_data_does_not_depend_on_resume_point(tmp_path):
 
 def test_pointer_loss_of_known_attention():
     from refmodel.train import pointer_loss
-    from veq.reference.encode import Batch
 
     s = 10
-    pointers = [(0, 7, torch.tensor([2, 3])), (1, 9, torch.tensor([5]))]
-    batch = Batch({}, torch.zeros(2, s), [], {}, pointers)
+    batch = [(0, 7, torch.tensor([2, 3])), (1, 9, torch.tensor([5]))]
     uniform = torch.full((2, 2, s, s), 1.0 / s)
     want = -(torch.log(torch.tensor(0.2)) + torch.log(torch.tensor(0.1))) / 2
     assert torch.allclose(pointer_loss([uniform], batch, [1]), want, atol=1e-5)
@@ -98,7 +96,16 @@ def test_warm_start_with_the_pointer_loss(tmp_path):
     base = tmp_path / "base"
     main(["--run", str(base), "--steps", "2", *TINY])
     run = tmp_path / "tuned"
-    pointer = ["--pointer-weight", "1", "--pointer-heads", "0.1", "--init", str(base / CHECKPOINT)]
+    pointer = [
+        "--pointer-weight",
+        "1",
+        "--pointer-heads",
+        "0.1",
+        "--word-heads",
+        "0.0",
+        "--init",
+        str(base / CHECKPOINT),
+    ]
     main(["--run", str(run), "--steps", "2", *TINY, *pointer])
     log = (run / "train.log").read_text()
     assert f"starting from {base / CHECKPOINT} (its step 2)" in log
