@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import re
+import shlex
 import tempfile
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from refmodel.plain import plain_set
-from refmodel.train import ModelSize, TrainConfig
+from refmodel.train import ModelSize, TrainConfig, heads_of
 from veq.reference import MINI_CALIB
 from veq.reference.encode import Encoder, calibration_conversations, calibration_samples
 from veq.reference.evaluate import evaluate, heldout_samples, load_reference
@@ -234,14 +235,19 @@ def measure(
 def _stage_lines(cfg: dict[str, Any], steps: int) -> list[str]:
     pointer = ""
     if cfg.get("pointer_weight", 0) > 0:
-        heads = ", ".join(
-            f"layer {h.split('.')[0]} head {h.split('.')[1]}"
-            for h in cfg["pointer_heads"].split(",")
-        )
+        answer, word = heads_of(cfg["pointer_heads"]), heads_of(cfg.get("word_heads", ""))
+
+        def named(heads: list[tuple[int, int]]) -> str:
+            return ", ".join(f"layer {layer} head {head}" for layer, head in heads)
+
+        queries = [f"from the position predicting the answer ({named(answer)})"] if answer else []
+        if word:
+            queries.append(f"from the question's last colour or shape word ({named(word)})")
         pointer = (
-            f", plus {cfg['pointer_weight']} × a pointer loss on two decoder heads ({heads}): "
-            "−log of the attention the position predicting an answer pays to the vision tokens "
-            "of the shapes the answer is read from (the one asked about, or those counted)"
+            f", plus {cfg['pointer_weight']} × a pointer loss on {len(answer) + len(word)} "
+            "decoder heads: −log of the attention they pay to the vision tokens of the shapes "
+            "the answer is read from (the one asked about, or those counted), "
+            + " and ".join(queries)
         )
     return [
         f"- {steps} steps of batch {cfg['batch']} sequences; each sequence is one image with "
@@ -265,7 +271,7 @@ def _flags(values: dict[str, Any], defaults: Any, skip: tuple[str, ...] = ()) ->
         v = values.get(f.name, f.default)
         if f.name in skip or (tuple(v) if isinstance(v, list) else v) == f.default:
             continue
-        shown = " ".join(map(str, v)) if isinstance(v, list | tuple) else v
+        shown = " ".join(map(str, v)) if isinstance(v, list | tuple) else shlex.quote(str(v))
         out.append(f"--{f.name.replace('_', '-')} {shown}")
     return " ".join(out)
 
@@ -291,7 +297,7 @@ def _training_lines(t: dict[str, Any]) -> list[str]:
         if len(stages) > 1:
             lines.append("")
         init = f" --init RUN{i - 1}/checkpoint.pt" if i > 1 else ""
-        cfg = _flags({**st["train"], "steps": st["steps"]}, TrainConfig, skip=("init",))
+        cfg = _flags(st["train"], TrainConfig, skip=("init",))
         run = f"RUN{i}" if len(stages) > 1 else "RUN"
         commands.append(f"`python -m refmodel.train --run {run}{init} {size} {cfg}`")
     seconds = sum(st["train_seconds"] for st in stages)

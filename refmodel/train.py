@@ -180,8 +180,8 @@ def pointer_loss(
     if not pointers:
         return torch.zeros(())
     rows = torch.tensor([r for r, _, _ in pointers])
-    queries = torch.tensor([q for _, q, _ in pointers])
-    targets = torch.zeros(len(rows), attentions[0].shape[-1])  # [P, S]
+    queries = torch.tensor([q for _, q, _ in pointers])  # targets: [P, S]
+    targets = torch.zeros(len(rows), attentions[0].shape[-1], device=attentions[0].device)
     for i, (_, _, keys) in enumerate(pointers):
         targets[i, keys] = 1.0
     total = torch.zeros(())
@@ -208,7 +208,7 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor, to
     return total / max(len(router_logits), 1)
 
 
-def _heads(spec: str) -> list[tuple[int, int]]:
+def heads_of(spec: str) -> list[tuple[int, int]]:
     """ "2.1,3.1" → [(2, 1), (3, 1)]: (layer, head) pairs."""
     return [(int(a), int(b)) for a, b in (item.split(".") for item in spec.split(",") if item)]
 
@@ -250,7 +250,7 @@ class Trainer:
         merger = self.model.model.visual.merger
         merger.register_forward_hook(lambda m, a, out: self._merged.append(out))
         self._attn: dict[int, torch.Tensor] = {}
-        self.pointer_heads, self.word_heads = _heads(cfg.pointer_heads), _heads(cfg.word_heads)
+        self.pointer_heads, self.word_heads = heads_of(cfg.pointer_heads), heads_of(cfg.word_heads)
         if cfg.pointer_weight > 0:
             for layer, head in [*self.pointer_heads, *self.word_heads]:
                 if not (0 <= layer < size.layers and 0 <= head < size.heads):

@@ -282,8 +282,9 @@ class Encoder:
                 image_pos = torch.nonzero(input_ids[row] == self.image_pad)[:, 0]
                 answers = [sp for sp in spans if sp[0] == row]
                 for qa, (_, start, _, _) in zip(sample.qas, answers, strict=True):
-                    if qa.about:
-                        keys = image_pos[torch.cat([shown[i] for i in qa.about]).unique()]
+                    cells = [shown[i] for i in qa.about]
+                    if cells and all(c.numel() for c in cells):
+                        keys = image_pos[torch.cat(cells).unique()]
                         pointers.append((row, start - 1, keys))
                         word = self._naming_word(encoded[row], start - k)
                         if word is not None:

@@ -37,10 +37,11 @@ def test_committed_card_is_its_rendered_json():
 
 @pytest.mark.skipif(not (MINI_DIR / CARD_JSON).exists(), reason="no card.json shipped")
 def test_a_warm_started_model_lists_both_stages_and_how_to_rerun_them():
-    first = {"train": {**asdict(TrainConfig()), "aux_weight": 1.0}, "steps": 12000}
+    first = {"train": {**asdict(TrainConfig()), "aux_weight": 1.0, "steps": 12000}, "steps": 12000}
     second = {
         "train": {
             **asdict(TrainConfig()),
+            "steps": 6000,
             "lr": 0.001,
             "pointer_weight": 1.0,
             "init": "mini2/checkpoint.pt",
@@ -52,7 +53,9 @@ def test_a_warm_started_model_lists_both_stages_and_how_to_rerun_them():
     training = text.split("## Training")[1].split("## Held-out")[0]
     assert "**Stage 1** (from scratch)" in training and "**Stage 2** (from stage 1's" in training
     assert training.count("pointer loss") == 1  # stage 2 only
-    assert "layer 2 head 1, layer 3 head 1" in training
+    assert "pointer loss on 3 decoder heads" in training
+    assert "answer (layer 2 head 1, layer 3 head 1)" in training
+    assert "shape word (layer 1 head 1)" in training
     assert "15.0 min of step time" in training
     assert (
         "`python -m refmodel.train --run RUN1 --vision-depth 4 --deepstack 1 2 --steps 12000 "

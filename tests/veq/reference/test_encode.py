@@ -189,14 +189,18 @@ def test_pointers_aim_from_the_answers_prompt_at_the_asked_shapes_tokens(process
     words = {**{c: c for c in shapes.COLORS}, **{k: k for k in shapes.SHAPES}}
     words.update({shapes.plural(k): k for k in shapes.SHAPES})
     tok = processor.tokenizer
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
     named = 0
     for row, query, keys in batch.word_pointers:
         word = tok.convert_ids_to_tokens(int(ids[row, query])).removeprefix("Ġ")
         assert word in words
+        # Inside the question its answer follows: after that turn's <|im_start|>, before the
+        # answer's prompt, with the same targets.
+        answer = min(q for r, q, ks in batch.pointers if r == row and q > query)
+        turn = ids[row, query:answer].tolist()
+        assert turn.count(im_start) == 1  # the assistant prompt's own
         assert any(
-            (r, k) == (row, kk) and torch.equal(keys, ks)
-            for r, k, ks in batch.pointers
-            for kk in [k]
+            r == row and q == answer and torch.equal(ks, keys) for r, q, ks in batch.pointers
         )
         named += 1
     asked = [qa for s in samples if s.image is not None for qa in s.qas if qa.about]

@@ -109,7 +109,8 @@ def test_warm_start_with_the_pointer_loss(tmp_path):
     main(["--run", str(run), "--steps", "2", *TINY, *pointer])
     log = (run / "train.log").read_text()
     assert f"starting from {base / CHECKPOINT} (its step 2)" in log
-    assert 0 < float(log.split(" pointer ")[1].split()[0]) < 20
+    # −log of the mass on a few of the image tokens: finite, and not the −log 1e-6 of none.
+    assert 0 < float(log.split(" pointer ")[1].split()[0]) < 10
     assert json.loads((run / "args.json").read_text())["cfg"]["pointer_weight"] == 1.0
     # The exported model says how it was made: both stages, no path of this machine.
     info = json.loads((export(run, tmp_path / "model") / "training.json").read_text())
