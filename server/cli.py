@@ -31,8 +31,10 @@ METHODS_HELP = """methods (--method):
            Hessians, with act-order. Beyond the paper (which evaluates ME and MA apart):
            the combination; the modality weight tempered to γ^τ (--tau; 0.5 at 2 bits,
            0.25 above, where the paper's γ over-weights text); λ = 2 (the router weight
-           scales an expert's output error, which the squared error counts twice); and,
-           optionally, Hessian tokens weighted by gradient saliency (--saliency)
+           scales an expert's output error, which the squared error counts twice); each
+           group's range searched to minimise its error under the Hessian instead of
+           min-max (--range-search); and, optionally, Hessian tokens weighted by gradient
+           saliency (--saliency)
 
 defaults: W4 g128, symmetric codes at 4 and 8 bits (asymmetric at 2 and 3), γ measured
 ('auto') with one backward pass per calibration sample, λ = 1 for veq-ma and 2 for veq,
@@ -135,6 +137,7 @@ def _quantize(args: argparse.Namespace) -> int:
             lam=args.lam,
             tau=args.tau,
             saliency=args.saliency,
+            range_search=args.range_search,
             symmetric=args.symmetric,
             out=args.out,
             cache_dir=args.cache_dir,
@@ -555,6 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="veq: modality weight tempered to γ^τ (default 0.5 at 2 bits, 0.25 above; "
         "1 = the paper's γ)",
+    )
+    p.add_argument(
+        "--range-search",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPTQ family: shrink each group's range to minimise its error under the Hessian "
+        "(default: on for veq, off for gptq and veq-ma)",
     )
     p.add_argument(
         "--saliency",

@@ -10,6 +10,7 @@ Shape legend: N out-features (rows), K in-features (columns), G group size, ng =
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,37 @@ def fake_quantize(w: Tensor, cfg: QuantConfig, clip_ratio: Tensor | float | None
     """Round-trip `w: [N, K]` through RTN quantization; returns fp32 `[N, K]`."""
     scale, zero = compute_qparams(w, cfg, clip_ratio)
     return dequantize(quantize(w, scale, zero, cfg), scale, zero)
+
+
+def best_clip(
+    weight: Tensor,
+    cfg: QuantConfig,
+    group_error: Callable[[int, Tensor, Tensor], Tensor],
+    *,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+    rows_per_chunk: int = 256,
+) -> Tensor:
+    """Per-(row, group) range shrink, from the grid 1, 1 − 1/grid, … above 1 − max_shrink, that
+    minimises `group_error(r0, w, wq)`: the error of rows `r0 : r0 + len(w)` of `weight`,
+    `w: [n, K]` fp32, quantized to `wq: [n, K]` fp32, as `[n, ng]` (lower is better).
+
+    Returns:
+        [N, ng] fp32 clip ratios for `compute_qparams(clip_ratio=...)`.
+    """
+    n, k = weight.shape
+    ng = k // cfg.group_for(k)
+    ratios = [1.0 - i / grid for i in range(int(max_shrink * grid))]
+    best_ratio = torch.ones(n, ng, device=weight.device)
+    for r0 in range(0, n, rows_per_chunk):
+        w = weight[r0 : r0 + rows_per_chunk].float()
+        best_err = torch.full((w.shape[0], ng), float("inf"), device=w.device)
+        for ratio in ratios:
+            err = group_error(r0, w, fake_quantize(w, cfg, clip_ratio=ratio))
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio[r0 : r0 + rows_per_chunk][better] = ratio
+    return best_ratio
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from veq.config import QuantConfig
-from veq.quantizer import QuantizedWeight, fake_quantize, quantize_weight
+from veq.quantizer import QuantizedWeight, best_clip, fake_quantize, quantize_weight
 from veq.stats import ActivationStats
 
 
@@ -96,28 +96,22 @@ def search_clip(
     Returns:
         [N, ng] fp32 clip ratios in (1 - max_shrink, 1].
     """
-    n, k = weight.shape
+    k = weight.shape[1]
     g = cfg.group_for(k)
     ng = k // g
     stride = max(1, x.shape[0] // max_tokens)
     xs = x[::stride].float()
     c = token_weights[::stride].float() if token_weights is not None else None
     xg = xs.reshape(-1, ng, g)
-    ratios = [1.0 - i / grid for i in range(int(max_shrink * grid))]
-    best_ratio = torch.ones(n, ng, device=weight.device)
-    for r0 in range(0, n, rows_per_chunk):
-        w = weight[r0 : r0 + rows_per_chunk].float()
-        wg = w.reshape(-1, ng, g)
-        ref = torch.einsum("tgk,ngk->tng", xg, wg)
-        best_err = torch.full((w.shape[0], ng), float("inf"), device=w.device)
-        for ratio in ratios:
-            wq = fake_quantize(w, cfg, clip_ratio=ratio).reshape(-1, ng, g)
-            err = (torch.einsum("tgk,ngk->tng", xg, wq) - ref).pow(2)
-            err = (err * c[:, None, None]).sum(0) if c is not None else err.sum(0)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_ratio[r0 : r0 + rows_per_chunk][better] = ratio
-    return best_ratio
+
+    def output_error(r0: int, w: Tensor, wq: Tensor) -> Tensor:
+        delta = (wq - w).reshape(-1, ng, g)
+        err = torch.einsum("tgk,ngk->tng", xg, delta).pow(2)
+        return (err * c[:, None, None]).sum(0) if c is not None else err.sum(0)
+
+    return best_clip(
+        weight, cfg, output_error, grid=grid, max_shrink=max_shrink, rows_per_chunk=rows_per_chunk
+    )
 
 
 def awq_scales(

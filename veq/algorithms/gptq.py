@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from veq.config import QuantConfig
-from veq.quantizer import QuantizedWeight, compute_qparams
+from veq.quantizer import QuantizedWeight, best_clip, compute_qparams
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,25 @@ def inverse_cholesky(
     )
 
 
+def hessian_clip(weight: Tensor, hessian: Tensor, cfg: QuantConfig) -> Tensor:
+    """Per-(row, group) range shrink minimising the group's rounding error as the Hessian sees
+    it, `Δw_g H_gg Δw_gᵀ` with `H_gg` the group's diagonal block: AWQ's clip search on the
+    statistics GPTQ already holds. `weight: [N, K]`, `hessian: [K, K]`; returns `[N, ng]` fp32.
+
+    Min–max ranges put a 2-bit grid's four levels at the group's extremes, where few weights
+    are; shrinking the range trades clipping those few for finer steps everywhere else."""
+    k = weight.shape[1]
+    g = cfg.group_for(k)
+    ng = k // g
+    blocks = torch.stack([hessian[j : j + g, j : j + g] for j in range(0, k, g)]).float()
+
+    def group_error(r0: int, w: Tensor, wq: Tensor) -> Tensor:
+        delta = (wq - w).reshape(-1, ng, g)  # [n, ng, g]
+        return torch.einsum("ngi,gij,ngj->ng", delta, blocks, delta)
+
+    return best_clip(weight, cfg, group_error)
+
+
 def gptq(
     weight: Tensor,
     hessian: Tensor,
@@ -58,6 +77,7 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    range_search: bool = False,
 ) -> QuantizedWeight:
     """Quantize `weight` to minimise `(W - Ŵ) H (W - Ŵ)ᵀ`.
 
@@ -69,6 +89,7 @@ def gptq(
         damp: relative damping, λ = damp · mean(diag H); raised automatically if H is singular.
         act_order: process columns by decreasing Hessian diagonal. Groups stay *static* (scales
             from the original columns, in their original order), so the kernel needs no g_idx.
+        range_search: each group's range from `hessian_clip` instead of its min and max.
 
     Returns:
         The quantized weight in the original column order.
@@ -98,7 +119,8 @@ def gptq(
     if not static and block_size % g:
         raise ValueError(f"block_size {block_size} must be a multiple of the group size {g}")
     if static:
-        scale, zero = compute_qparams(w, cfg)
+        clip = hessian_clip(w, h, cfg) if range_search else None
+        scale, zero = compute_qparams(w, cfg, clip)
     else:
         scale = torch.empty(n, k // g, dtype=cfg.torch_scale_dtype, device=w.device)
         zero = None if cfg.symmetric else torch.empty(n, k // g, dtype=torch.int8, device=w.device)
@@ -120,7 +142,11 @@ def gptq(
             grp = col // g
             if not static and col % g == 0:
                 # Groups are contiguous here (no permutation) and never straddle a block.
-                s, z = compute_qparams(w1[:, i : i + g], cfg)
+                wg = w1[:, i : i + g]
+                clip = (
+                    hessian_clip(wg, h[col : col + g, col : col + g], cfg) if range_search else None
+                )
+                s, z = compute_qparams(wg, cfg, clip)
                 scale[:, grp] = s[:, 0]
                 if zero is not None:
                     zero[:, grp] = z[:, 0]

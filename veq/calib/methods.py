@@ -119,7 +119,14 @@ class GPTQ(Method):
     def solve(self, weight: Tensor, st: Statistics | None, cfg: QuantConfig) -> QuantizedWeight:
         if st is None or st.hessian is None:
             return rtn(weight, cfg)
-        return gptq(weight, st.hessian, cfg, act_order=self.recipe.act_order, damp=self.recipe.damp)
+        return gptq(
+            weight,
+            st.hessian,
+            cfg,
+            act_order=self.recipe.act_order,
+            damp=self.recipe.damp,
+            range_search=bool(self.recipe.range_search),
+        )
 
 
 class AWQ(Method):

@@ -301,3 +301,41 @@ def test_gptq_every_grouping(group, symmetric, layer):
 def test_gptq_rejects_mismatched_hessian(make_weight):
     with pytest.raises(ValueError, match="do not match"):
         gptq(make_weight(8, 64, seed=0), torch.eye(32), QuantConfig())
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_hessian_clip_never_raises_the_groups_error_and_lowers_it_at_low_bits(bits, layer):
+    from veq.algorithms.gptq import hessian_clip
+    from veq.quantizer import fake_quantize
+
+    w, x = layer
+    h = hessian(x).float()
+    cfg = QuantConfig(bits=bits, group_size=64, symmetric=False)
+    ratio = hessian_clip(w, h, cfg)
+    assert ratio.shape == (N, K // 64) and (ratio <= 1).all() and (ratio > 0.5).all()
+
+    def group_errors(wq):  # Δw_g H_gg Δw_gᵀ per (row, group), written out
+        out = torch.zeros(N, K // 64)
+        for j in range(K // 64):
+            d = (wq - w)[:, 64 * j : 64 * (j + 1)]
+            out[:, j] = ((d @ h[64 * j : 64 * (j + 1), 64 * j : 64 * (j + 1)]) * d).sum(-1)
+        return out
+
+    clipped = group_errors(fake_quantize(w, cfg, clip_ratio=ratio))
+    minmax = group_errors(fake_quantize(w, cfg))
+    assert (clipped <= minmax * (1 + 1e-5)).all()  # ratio 1 (min–max) is on the grid
+    assert clipped.sum() < 0.9 * minmax.sum()
+    assert (ratio < 1).float().mean() > 0.5  # most 2/3-bit groups want a narrower range
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_range_search_lowers_the_output_error_at_2_bits(act_order, layer):
+    w, x = layer
+    cfg = QuantConfig(bits=2, group_size=64, symmetric=False)
+    h = hessian(x)
+    plain = gptq(w, h, cfg, act_order=act_order)
+    searched = gptq(w, h, cfg, act_order=act_order, range_search=True)
+    assert not torch.equal(searched.scale, plain.scale)
+    assert rel_err(w, searched.dequantize(), x) < 0.95 * rel_err(w, plain.dequantize(), x)
+    back = unpack_weight(pack_weight(searched), cfg)  # still a plain static-group weight
+    assert torch.equal(back.dequantize(), searched.dequantize())
