@@ -288,12 +288,7 @@ class Trainer:
         path = self.run / CHECKPOINT
         if not path.exists():
             if self.cfg.init:
-                state = torch.load(self.cfg.init, map_location="cpu", weights_only=False)
-                self.model.load_state_dict(state["model"])
-                self.head.load_state_dict(state["head"])
-                done = {"cfg": state["cfg"], "steps": state["step"], "seconds": state["seconds"]}
-                self.stages = [*state.get("stages", []), done]
-                log.info("starting from %s (its step %d)", self.cfg.init, state["step"])
+                self._start_from(Path(self.cfg.init))
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
@@ -309,6 +304,32 @@ class Trainer:
             if len(kept) != len(rows):
                 history.write_text("".join(line + "\n" for line in kept))
         return True
+
+    def _start_from(self, init: Path) -> None:
+        """Load another run's checkpoint (model and cell head), or an exported model directory
+        (its weights in fp32; the cell head, which export drops, starts fresh)."""
+        if not init.is_dir():
+            state = torch.load(init, map_location="cpu", weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.head.load_state_dict(state["head"])
+            done = {"cfg": state["cfg"], "steps": state["step"], "seconds": state["seconds"]}
+            self.stages = [*state.get("stages", []), done]
+            log.info("starting from %s (its step %d)", init, state["step"])
+            return
+        from transformers import AutoModelForImageTextToText
+
+        # from_pretrained, not the raw file: it maps saved names back to this model's.
+        exported = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32)
+        self.model.load_state_dict(exported.state_dict())
+        info = json.loads((init / "training.json").read_text())
+        self.stages = [
+            *(
+                {"cfg": st["train"], "steps": st["steps"], "seconds": st["train_seconds"]}
+                for st in info.get("earlier_stages", [])
+            ),
+            {"cfg": info["train"], "steps": info["steps"], "seconds": info["train_seconds"]},
+        ]
+        log.info("starting from exported %s (its step %d; fresh cell head)", init, info["steps"])
 
     # -- one step -----------------------------------------------------------------------------
     def batch(self, step: int) -> Batch:

@@ -132,3 +132,29 @@ def test_init_loads_the_other_runs_weights_not_its_step(tmp_path):
     source = torch.load(base / CHECKPOINT, weights_only=False)
     for name, value in t.model.state_dict().items():
         assert torch.equal(value, source["model"][name]), name
+
+
+def test_init_from_an_exported_model_directory(tmp_path):
+    """The shipped model is a valid starting point: its weights (bf16 → fp32) and its lineage."""
+    base = tmp_path / "base"
+    main(["--run", str(base), "--steps", "2", *TINY])
+    exported = export(base, tmp_path / "model")
+    run = tmp_path / "tuned"
+    main(["--run", str(run), "--steps", "1", *TINY, "--init", str(exported)])
+    assert (
+        f"starting from exported {exported} (its step 2; fresh cell head)"
+        in (run / "train.log").read_text()
+    )
+    info = json.loads((export(run, tmp_path / "tuned-model") / "training.json").read_text())
+    assert info["train"]["init"] == f"{tmp_path.name}/model"
+    assert [st["steps"] for st in info["earlier_stages"]] == [2]
+
+    from refmodel.train import ModelSize, TrainConfig, Trainer
+
+    stored = json.loads((base / "args.json").read_text())
+    size = ModelSize(**{**stored["size"], "deepstack": tuple(stored["size"]["deepstack"])})
+    t = Trainer(tmp_path / "fresh", size, TrainConfig(**{**stored["cfg"], "init": str(exported)}))
+    assert t.load() is False and t.step == 0
+    source = torch.load(base / CHECKPOINT, weights_only=False)["model"]
+    for name, value in t.model.state_dict().items():
+        assert torch.equal(value, source[name].bfloat16().float()), name
