@@ -8,8 +8,9 @@ The setting of issue 14's comparison with llm-compressor: `veq.testing.tiny_mode
 conversations for calibration, W3 g32 asymmetric codes, and the KL divergence to the 16-bit
 model summed over the prompt positions of 6 other built-in conversations with photos, averaged
 over them. γ is measured (`gamma auto`) on the calibration set. GPTQ-family methods run with
-act-order (the default) and without; each cell is the mean and the min–max over calibration
-seeds. Writes BENCHMARKS.md section `tiny-methods`.
+act-order (the default) and without, each with the group range search (`range_search`) on and
+off; each cell is the mean and the min–max over calibration seeds, and `*` marks the method's
+defaults. Writes BENCHMARKS.md section `tiny-methods`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from veq.calib.methods import METHOD_CLASSES  # noqa: E402
 from veq.calib.pipeline import Calibrator  # noqa: E402
 from veq.calib.sources import builtin_conversations  # noqa: E402
 from veq.models.processor import build_processor  # noqa: E402
-from veq.recipe import Recipe  # noqa: E402
+from veq.recipe import DEFAULT_RANGE_SEARCH, Recipe  # noqa: E402
 from veq.testing import tiny_model  # noqa: E402
 
 
@@ -73,9 +74,12 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for method in args.methods.split(","):
-        orders = (True, False) if METHOD_CLASSES[method].hessian else (None,)
-        for act_order in orders:
-            kls, gammas = [], []
+        hessian = METHOD_CLASSES[method].hessian
+        variants = (
+            [(a, r) for a in (True, False) for r in (True, False)] if hessian else [(None, None)]
+        )
+        for act_order, range_search in variants:
+            kls = []
             for seed in seeds if method != "rtn" else seeds[:1]:
                 samples = _samples(processor, args.samples, seed)
                 model = tiny_model("qwen3_vl_moe", processor)
@@ -87,6 +91,7 @@ def main() -> None:
                     symmetric=False,
                     gamma=g,
                     act_order=bool(act_order),
+                    range_search=range_search,
                 )
                 Calibrator(
                     model,
@@ -98,12 +103,22 @@ def main() -> None:
                     progress=False,
                 ).run()  # writes the dequantized weights into `model`
                 kls.append(_kl(base, model, evals))
-                gammas.append(g)
-            order = {None: "–", True: "on", False: "off"}[act_order]
+            on = {None: "–", True: "on", False: "off"}
+            default = act_order is None or (
+                act_order and range_search == DEFAULT_RANGE_SEARCH.get(method, False)
+            )
             spread = f"{min(kls):.4f}–{max(kls):.4f}" if len(kls) > 1 else "–"
-            rows.append([method, order, f"{statistics.mean(kls):.4f}", spread])
-            print(f"{method:7s} act-order {order:3s}: KL {statistics.mean(kls):.4f} ({spread})")
-    table = markdown_table(["method", "act-order", "KL (mean)", "min–max over seeds"], rows)
+            name = method + (" *" if default and hessian else "")
+            rows.append(
+                [name, on[act_order], on[range_search], f"{statistics.mean(kls):.4f}", spread]
+            )
+            print(
+                f"{name:9s} act-order {on[act_order]:3s} range search {on[range_search]:3s}: "
+                f"KL {statistics.mean(kls):.4f} ({spread})"
+            )
+    table = markdown_table(
+        ["method", "act-order", "range search", "KL (mean)", "min–max over seeds"], rows
+    )
     print(table)
     body = (
         f"## Methods on the tiny Qwen3-VL-MoE (`bench/tiny_methods.py`, {today()})\n\n"
