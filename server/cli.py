@@ -138,6 +138,7 @@ def _quantize(args: argparse.Namespace) -> int:
             tau=args.tau,
             saliency=args.saliency,
             range_search=args.range_search,
+            gamma_per_layer=args.gamma_per_layer,
             symmetric=args.symmetric,
             out=args.out,
             cache_dir=args.cache_dir,
@@ -565,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="GPTQ family: shrink each group's range to minimise its error under the Hessian "
         "(default: on for veq, off for gptq and veq-ma)",
+    )
+    p.add_argument(
+        "--gamma-per-layer",
+        action="store_true",
+        help="veq: weigh each layer's text tokens by that layer's measured γ (default: the "
+        "model's mean γ)",
     )
     p.add_argument(
         "--saliency",

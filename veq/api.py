@@ -304,6 +304,7 @@ def quantize(
         gamma=g,
         gamma_source=g_source,
         vision_ratios=ratios,
+        layer_gammas=detail.get("per_layer") or None,
         saliency=saliency,
         device=dev,
         progress=progress,

@@ -89,6 +89,11 @@ class Recipe(BaseModel):
         description="veq only: exponent τ of each token's gradient saliency (the loss's "
         "sensitivity to the layer's output at that token) in its Hessian weights; 0: off.",
     )
+    gamma_per_layer: bool = Field(
+        False,
+        description="veq only: each decoder layer's text tokens weigh that layer's measured "
+        "γ_l^τ (MBQ's granularity) instead of the model's mean γ^τ; needs gamma 'auto'.",
+    )
     act_order: bool = Field(
         True,
         description="GPTQ-family column order by decreasing Hessian diagonal, with static groups "

@@ -79,6 +79,9 @@ def test_quantize_passes_lam_and_the_models_own_calibration_source(monkeypatch, 
     assert capsys.readouterr().out.strip() == "done"
     assert main(["quantize", "--method", "gptq", "--range-search", "--quiet"]) == 0
     assert seen["range_search"] is True and seen["method"] == "gptq"
+    assert seen["gamma_per_layer"] is False
+    assert main(["quantize", "--gamma-per-layer", "--quiet"]) == 0
+    assert seen["gamma_per_layer"] is True
 
 
 def test_models_lists_bundled(capsys):

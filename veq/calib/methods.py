@@ -74,11 +74,23 @@ class Method:
     search: ClassVar[bool] = False
 
     def __init__(
-        self, recipe: Recipe, gamma: float, beta: float, vision_ratios: Sequence[float]
+        self,
+        recipe: Recipe,
+        gamma: float,
+        beta: float,
+        vision_ratios: Sequence[float],
+        layer_gammas: Sequence[float] | None = None,
     ) -> None:
+        """`layer_gammas`: the measured text/vision ratio of each decoder layer (None when γ
+        was given, not measured); only `veq` with `recipe.gamma_per_layer` reads them."""
         self.recipe = recipe
         self.gamma, self.beta = float(gamma), float(beta)
         self.vision_ratios = list(vision_ratios)
+        self.layer_gammas = list(layer_gammas) if layer_gammas else None
+
+    def modality_weight(self, layer: int) -> float:
+        """α of text tokens at decoder layer `layer` (vision tokens weigh 1)."""
+        return self.gamma
 
     @property
     def needs_stats(self) -> bool:
@@ -89,8 +101,9 @@ class Method:
         """Whether calibrating `recipe` with this method needs per-token gradient saliency."""
         return False
 
-    def hessian_weights(self, t: Tokens) -> Tensor | None:
-        """c_j of the Hessian `Σ_j c_j x_j x_jᵀ` (None: every token 1)."""
+    def hessian_weights(self, t: Tokens, layer: int) -> Tensor | None:
+        """c_j of the Hessian `Σ_j c_j x_j x_jᵀ` at decoder layer `layer` (None: every token
+        1)."""
         return t.membership
 
     def search_weights(self, t: Tokens, layer: int) -> Tensor | None:
@@ -98,11 +111,11 @@ class Method:
         return t.membership
 
     def expert_importance(
-        self, routed_importance: float | None, t: Tokens, c: Tensor | None
+        self, routed_importance: float | None, t: Tokens, c: Tensor | None, layer: int
     ) -> float:
-        """S_i of one expert in the shared scale search: its (weighted) token count.
-        `routed_importance` is VEQ's S_i of a routed expert (None for fallback and shared
-        experts); `c` the search weights of the expert's tokens."""
+        """S_i of one expert of decoder layer `layer` in the shared scale search: its
+        (weighted) token count. `routed_importance` is VEQ's S_i of a routed expert (None for
+        fallback and shared experts); `c` the search weights of the expert's tokens."""
         return float(c.sum()) if c is not None else float(t.kinds.shape[0])
 
     def solve(self, weight: Tensor, st: Statistics | None, cfg: QuantConfig) -> QuantizedWeight:
@@ -157,14 +170,14 @@ class VEQME(AWQ):
     name = "veq-me"
 
     def expert_importance(
-        self, routed_importance: float | None, t: Tokens, c: Tensor | None
+        self, routed_importance: float | None, t: Tokens, c: Tensor | None, layer: int
     ) -> float:
         if routed_importance is not None:
             return routed_importance
         w = t.membership if t.membership is not None else torch.ones(t.kinds.shape[0])
         w = w.to(t.kinds.device)
         text = t.kinds != TokenKind.VISION
-        return float(self.gamma * w[text].sum() + self.beta * w[~text].sum())
+        return float(self.modality_weight(layer) * w[text].sum() + self.beta * w[~text].sum())
 
 
 class VEQMA(GPTQ):
@@ -176,10 +189,10 @@ class VEQMA(GPTQ):
 
     name = "veq-ma"
 
-    def hessian_weights(self, t: Tokens) -> Tensor | None:
+    def hessian_weights(self, t: Tokens, layer: int) -> Tensor | None:
         is_text = t.kinds != TokenKind.VISION
         assert self.recipe.lam is not None  # written by the recipe's validator
-        return ma_token_weights(is_text, self.gamma, t.affinity, self.recipe.lam)
+        return ma_token_weights(is_text, self.modality_weight(layer), t.affinity, self.recipe.lam)
 
 
 #: The least saliency a token counts with (saliency has mean 1 over the calibration set).
@@ -189,7 +202,8 @@ SALIENCY_FLOOR = 0.01
 class VEQ(VEQMA, VEQME):
     """VEQ: VEQ-ME's expert-weighted scale search, then VEQ-MA's weighted GPTQ, and beyond the
     paper: the modality weight tempered to γ^τ (`recipe.tau`), the router probability squared
-    by default (λ = 2), and optionally each token's gradient saliency to the power
+    by default (λ = 2), optionally γ measured per decoder layer instead of one per model
+    (`recipe.gamma_per_layer`), and optionally each token's gradient saliency to the power
     `recipe.saliency` in the Hessian (a Fisher-weighted objective: a token whose layer output
     the answers' loss does not feel costs nothing to get wrong)."""
 
@@ -198,18 +212,30 @@ class VEQ(VEQMA, VEQME):
     search = True
 
     def __init__(
-        self, recipe: Recipe, gamma: float, beta: float, vision_ratios: Sequence[float]
+        self,
+        recipe: Recipe,
+        gamma: float,
+        beta: float,
+        vision_ratios: Sequence[float],
+        layer_gammas: Sequence[float] | None = None,
     ) -> None:
         # The modality weight tempered, in the Hessians and in the expert importance alike.
         assert recipe.tau is not None  # written by the recipe's validator
-        super().__init__(recipe, float(gamma) ** recipe.tau, beta, vision_ratios)
+        super().__init__(recipe, float(gamma) ** recipe.tau, beta, vision_ratios, layer_gammas)
+
+    def modality_weight(self, layer: int) -> float:
+        # Per layer (MBQ's granularity) when asked for and measured; else the model's γ.
+        if self.recipe.gamma_per_layer and self.layer_gammas is not None:
+            assert self.recipe.tau is not None
+            return float(self.layer_gammas[layer]) ** self.recipe.tau
+        return self.gamma
 
     @classmethod
     def needs_saliency(cls, recipe: Recipe) -> bool:
         return recipe.saliency > 0
 
-    def hessian_weights(self, t: Tokens) -> Tensor | None:
-        c = super().hessian_weights(t)
+    def hessian_weights(self, t: Tokens, layer: int) -> Tensor | None:
+        c = super().hessian_weights(t, layer)
         if not self.needs_saliency(self.recipe) or t.saliency is None:
             return c
         # A floor: tokens past the last answer have no gradient at all, and an expert routed
@@ -223,6 +249,12 @@ METHOD_CLASSES: dict[str, type[Method]] = {
 }
 
 
-def method_for(recipe: Recipe, gamma: float, beta: float, vision_ratios: Sequence[float]) -> Method:
+def method_for(
+    recipe: Recipe,
+    gamma: float,
+    beta: float,
+    vision_ratios: Sequence[float],
+    layer_gammas: Sequence[float] | None = None,
+) -> Method:
     """The strategy of `recipe.method`."""
-    return METHOD_CLASSES[recipe.method](recipe, gamma, beta, vision_ratios)
+    return METHOD_CLASSES[recipe.method](recipe, gamma, beta, vision_ratios, layer_gammas)

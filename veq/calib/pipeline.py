@@ -120,6 +120,7 @@ class Calibrator:
         gamma: float,
         gamma_source: str,
         vision_ratios: Sequence[float] | None = None,
+        layer_gammas: Sequence[float] | None = None,
         saliency: Sequence[Tensor] | None = None,
         device: torch.device | str = "cpu",
         progress: bool = True,
@@ -128,7 +129,8 @@ class Calibrator:
         """`on_layer(done, total)` is called after each decoder layer (job progress). A
         data-free recipe (`Recipe.data_free`) takes no samples and runs no forward pass.
         `saliency`: per sample `[L, S]` (`veq.calib.gamma.measure_saliency`), for methods
-        whose token weights use it."""
+        whose token weights use it; `layer_gammas`: γ of each decoder layer when measured
+        (`GammaResult.per_layer`)."""
         if not samples and not recipe.data_free:
             raise ValueError("calibration needs at least one sample")
         self.model = model
@@ -159,7 +161,11 @@ class Calibrator:
         )
         self.weights: dict[str, QuantizedWeight] = {}
         self.dtype = next(model.parameters()).dtype
-        self.method = method_for(recipe, self.gamma, self.beta, self.vision_ratios)
+        if layer_gammas is not None and len(layer_gammas) != len(layers):
+            layer_gammas = None  # a layer without vision gradients has no ratio of its own
+        if recipe.gamma_per_layer and layer_gammas is None:
+            log.warning("gamma per layer needs γ measured at every layer; using γ %.3g", gamma)
+        self.method = method_for(recipe, self.gamma, self.beta, self.vision_ratios, layer_gammas)
         if self.method.needs_saliency(recipe) and saliency is None:
             raise ValueError(f"{recipe.label} with saliency {recipe.saliency} needs saliency")
         self.saliency = list(saliency) if saliency is not None else None
@@ -249,7 +255,7 @@ class Calibrator:
                 x = args[0].reshape(-1, args[0].shape[-1])
                 t = Tokens(current["kinds"], saliency=current.get("saliency"))
                 st = stats.setdefault(key, self._new_stats(x.shape[1]))
-                st.add(x, method.hessian_weights(t), method.search_weights(t, i), per_sample)
+                st.add(x, method.hessian_weights(t, i), method.search_weights(t, i), per_sample)
 
             return hook
 
@@ -430,7 +436,8 @@ class Calibrator:
                 members.append(_Member(e, None, n))
                 self.report.fallback_experts.append({"layer": layer_idx, "expert": e, "tokens": n})
         # The method's modality weight (`veq` tempers γ), not necessarily the measured γ.
-        importance = expert_importance(n_text, n_vis, self.method.gamma, self.beta)
+        alpha = self.method.modality_weight(layer_idx)
+        importance = expert_importance(n_text, n_vis, alpha, self.beta)
         if self.recipe.mixed_precision is not None:
             bits = allocate_expert_bits(importance.tolist(), self.recipe.mixed_precision)
         else:
@@ -475,7 +482,7 @@ class Calibrator:
             c = self.method.search_weights(t.select(idx), plan.layer)
             weights.append(c)
             routed = float(plan.importance[m.expert]) if m.tokens is not None else None
-            importance.append(self.method.expert_importance(routed, t, c))
+            importance.append(self.method.expert_importance(routed, t, c, plan.layer))
         if layer.shared is not None:
             idx = _subsample(plan.x.shape[0], cap, plan.x.device)
             sh = layer.shared
@@ -485,7 +492,7 @@ class Calibrator:
             inputs.append(plan.x[idx])
             c = self.method.search_weights(plan.tokens().select(idx), plan.layer)
             weights.append(c)
-            importance.append(self.method.expert_importance(None, plan.tokens(), c))
+            importance.append(self.method.expert_importance(None, plan.tokens(), c, plan.layer))
         s1, _ = shared_scale_search(
             experts,
             inputs,
@@ -560,7 +567,7 @@ class Calibrator:
         st = self._new_stats(x.shape[1])
         st.add(
             x.float(),
-            self.method.hessian_weights(t),
+            self.method.hessian_weights(t, layer),
             self.method.search_weights(t, layer),
             self.recipe.max_search_tokens,
         )

@@ -116,18 +116,28 @@ def test_compressed_tensors_decompresses_to_our_weights(layout, tiny_model, cali
 
 def test_kernel_path_matches_reference_path(tiny_model, calib, tmp_path, monkeypatch):
     """The reloaded model through the Triton kernels (the interpreter on CPU) equals the torch
-    reference path; fp16 activations, as the kernels run on a GPU."""
+    reference path; fp16 activations, as the kernels run on a GPU. A token whose router picks
+    other experts on the two paths (a near tie that fp16 rounding breaks either way) is a
+    legitimate difference: such tokens must be rare, every other position close."""
     model = tiny_model("qwen3_vl_moe")
     samples = calib("qwen3_vl_moe", n=2)
     result = calibrate(model, samples, "gptq", 4)
     out = save_checkpoint(model, result, tmp_path / "ckpt")
     reloaded = load_checkpoint(out, dtype=torch.float16)
+    picks: list[torch.Tensor] = []
+    for name, module in reloaded.named_modules():
+        if name.endswith("mlp.gate"):  # the router: (probabilities, weights, expert indices)
+            module.register_forward_hook(lambda m, a, out: picks.append(out[-1].sort(-1).values))
     monkeypatch.setenv("VEQ_KERNELS", "reference")
     ref = logits(reloaded, samples[:1])[0]
+    ref_picks, picks[:] = list(picks), []
     monkeypatch.setenv("VEQ_KERNELS", "triton")
     tri = logits(reloaded, samples[:1])[0]
     assert torch.isfinite(tri).all()
-    torch.testing.assert_close(tri, ref, rtol=2e-2, atol=2e-2)
+    flipped = torch.stack([(a != b).any(-1) for a, b in zip(ref_picks, picks, strict=True)])
+    same = ~flipped.any(0)
+    assert len(ref_picks) == 2 and same.float().mean() > 0.98
+    torch.testing.assert_close(tri[0, same], ref[0, same], rtol=2e-2, atol=2e-2)
     assert (tri.argmax(-1) == ref.argmax(-1)).float().mean() > 0.97
 
 
@@ -298,3 +308,53 @@ def test_range_search_defaults_per_method_and_reaches_the_solver(monkeypatch):
     for method in ("veq", "gptq", "veq-ma"):
         method_for(Recipe(method=method), 4.0, 1.0, [1.0]).solve(torch.ones(2, 8), stats, None)
     assert seen == [True, False, False]
+
+
+def test_gamma_per_layer_weighs_each_layers_text_tokens():
+    """With `gamma_per_layer`, `veq` weighs layer l's text tokens by γ_l^τ; without it (and for
+    VEQ-MA, the paper's form) every layer uses the model's γ."""
+    from veq.calib.methods import Tokens, method_for
+
+    kinds = torch.tensor([TokenKind.PROMPT, TokenKind.VISION, TokenKind.ANSWER], dtype=torch.int8)
+    t = Tokens(kinds, affinity=torch.ones(3))
+    per_layer = Recipe(method="veq", tau=0.5, lam=1.0, gamma_per_layer=True)
+    m = method_for(per_layer, 9.0, 1.0, [1.0, 1.0], layer_gammas=[4.0, 16.0])
+    assert m.hessian_weights(t, 0).tolist() == [2.0, 1.0, 2.0]
+    assert m.hessian_weights(t, 1).tolist() == [4.0, 1.0, 4.0]
+    assert m.expert_importance(None, t, None, 1) == pytest.approx(4.0 * 2 + 1.0 * 1)
+    model_wide = method_for(
+        per_layer.model_copy(update={"gamma_per_layer": False}),
+        9.0,
+        1.0,
+        [1.0, 1.0],
+        layer_gammas=[4.0, 16.0],
+    )
+    assert model_wide.hessian_weights(t, 1).tolist() == [3.0, 1.0, 3.0]
+    paper = method_for(Recipe(method="veq-ma"), 9.0, 1.0, [1.0, 1.0], layer_gammas=[4.0, 16.0])
+    assert paper.hessian_weights(t, 1).tolist() == [9.0, 1.0, 9.0]
+
+
+def test_gamma_per_layer_reaches_the_hessians(tiny_model, calib):
+    """Per-layer γ equal to the model's γ changes nothing; another γ at layer 1 changes layer
+    1's codes and none of layer 0's, which is calibrated before it."""
+    samples = calib("qwen3_vl_moe", n=6)
+    recipe = Recipe(method="veq", bits=3, group_size=32, gamma=10.0, gamma_per_layer=True)
+
+    def run(layer_gammas):
+        return Calibrator(
+            tiny_model("qwen3_vl_moe"),
+            samples,
+            recipe,
+            gamma=10.0,
+            gamma_source="measured",
+            layer_gammas=layer_gammas,
+            progress=False,
+        ).run()
+
+    plain = calibrate(tiny_model("qwen3_vl_moe"), samples, "veq", 3)
+    same, other = run([10.0, 10.0]), run([10.0, 1000.0])
+    assert all(torch.equal(plain.weights[k].codes, same.weights[k].codes) for k in plain.weights)
+    changed = {
+        k for k in plain.weights if not torch.equal(plain.weights[k].codes, other.weights[k].codes)
+    }
+    assert changed and all(".layers.1." in k for k in changed)
