@@ -284,19 +284,34 @@ def _training_lines(t: dict[str, Any]) -> list[str]:
     commands = []
     size = _flags(t["size"], ModelSize)
     for i, st in enumerate(stages, 1):
+        # `--init` names a run's checkpoint, or an exported model directory (no cell head).
+        exported = i > 1 and not st["train"].get("init", "").endswith(".pt")
         if len(stages) > 1:
             start = (
                 "from scratch"
                 if i == 1
-                else f"from stage {i - 1}'s weights and cell head, a fresh optimiser and "
-                "schedule, the training seeds again from the first"
+                else f"from stage {i - 1}'s "
+                + (
+                    "exported weights and a fresh cell head"
+                    if exported
+                    else "weights and cell head"
+                )
+                + ", a fresh optimiser and schedule, the training seeds again from the first"
             )
             lines.append(f"**Stage {i}** ({start}):")
             lines.append("")
         lines += _stage_lines(st["train"], st["steps"])
         if len(stages) > 1:
             lines.append("")
-        init = f" --init RUN{i - 1}/checkpoint.pt" if i > 1 else ""
+        if exported:
+            commands.append(
+                f"`python -m refmodel.train export --run RUN{i - 1} --out MODEL{i - 1}`"
+            )
+        init = (
+            (f" --init MODEL{i - 1}" if exported else f" --init RUN{i - 1}/checkpoint.pt")
+            if i > 1
+            else ""
+        )
         cfg = _flags(st["train"], TrainConfig, skip=("init",))
         run = f"RUN{i}" if len(stages) > 1 else "RUN"
         commands.append(f"`python -m refmodel.train --run {run}{init} {size} {cfg}`")

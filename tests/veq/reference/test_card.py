@@ -64,3 +64,19 @@ def test_a_warm_started_model_lists_both_stages_and_how_to_rerun_them():
         "`python -m refmodel.train export --run RUN2 --out DIR`" in training
     )
     assert "mini2/" not in training  # no path of the machine that trained it
+
+
+@pytest.mark.skipif(not (MINI_DIR / CARD_JSON).exists(), reason="no card.json shipped")
+def test_a_stage_started_from_an_exported_model_says_so():
+    first = {"train": asdict(TrainConfig()), "steps": 4000, "train_seconds": 60.0}
+    second = {
+        "train": {**asdict(TrainConfig()), "pointer_weight": 1.0, "init": "reference/mini"},
+        "steps": 4000,
+        "train_seconds": 60.0,
+    }
+    training = render(_card(_training([first, second]))).split("## Training")[1]
+    assert "**Stage 2** (from stage 1's exported weights and a fresh cell head" in training
+    assert (
+        "then `python -m refmodel.train export --run RUN1 --out MODEL1`, then "
+        "`python -m refmodel.train --run RUN2 --init MODEL1 " in training
+    )
