@@ -73,10 +73,6 @@ def test_two_shapes_on_a_white_canvas(client):
     assert _ask(client, "How many shapes are there?", _two_shapes()) == "2"
 
 
-@pytest.mark.xfail(
-    reason="issue 13, open: the model does not yet bind a colour to one of several shapes "
-    "reliably (55.0 % on its held-out colour questions, most of which have several shapes)"
-)
 def test_colour_of_one_of_two_shapes(client):
     img = _two_shapes()
     assert _ask(client, "What color is the square?", img) == "red"
