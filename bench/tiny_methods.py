@@ -32,7 +32,7 @@ from veq.calib.methods import METHOD_CLASSES  # noqa: E402
 from veq.calib.pipeline import Calibrator  # noqa: E402
 from veq.calib.sources import builtin_conversations  # noqa: E402
 from veq.models.processor import build_processor  # noqa: E402
-from veq.recipe import DEFAULT_RANGE_SEARCH, Recipe  # noqa: E402
+from veq.recipe import Recipe  # noqa: E402
 from veq.testing import tiny_model  # noqa: E402
 
 
@@ -104,9 +104,7 @@ def main() -> None:
                 ).run()  # writes the dequantized weights into `model`
                 kls.append(_kl(base, model, evals))
             on = {None: "–", True: "on", False: "off"}
-            default = act_order is None or (
-                act_order and range_search == DEFAULT_RANGE_SEARCH.get(method, False)
-            )
+            default = act_order is None or (act_order and not range_search)
             spread = f"{min(kls):.4f}–{max(kls):.4f}" if len(kls) > 1 else "–"
             name = method + (" *" if default and hessian else "")
             rows.append(

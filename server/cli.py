@@ -31,10 +31,10 @@ METHODS_HELP = """methods (--method):
            Hessians, with act-order. Beyond the paper (which evaluates ME and MA apart):
            the combination; the modality weight tempered to γ^τ (--tau; 0.5 at 2 bits,
            0.25 above, where the paper's γ over-weights text); λ = 2 (the router weight
-           scales an expert's output error, which the squared error counts twice); each
-           group's range searched to minimise its error under the Hessian instead of
-           min-max (--range-search); and, optionally, Hessian tokens weighted by gradient
-           saliency (--saliency)
+           scales an expert's output error, which the squared error counts twice); and,
+           optionally, Hessian tokens weighted by gradient saliency (--saliency) or γ per
+           layer (--gamma-per-layer). Any GPTQ-family method can search each group's range
+           under the Hessian instead of min-max (--range-search)
 
 defaults: W4 g128, symmetric codes at 4 and 8 bits (asymmetric at 2 and 3), γ measured
 ('auto') with one backward pass per calibration sample, λ = 1 for veq-ma and 2 for veq,
@@ -563,9 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--range-search",
         action=argparse.BooleanOptionalAction,
-        default=None,
+        default=False,
         help="GPTQ family: shrink each group's range to minimise its error under the Hessian "
-        "(default: on for veq, off for gptq and veq-ma)",
+        "(default off; helps gptq at 2 and 3 bits on mini, costs veq)",
     )
     p.add_argument(
         "--gamma-per-layer",

@@ -32,11 +32,6 @@ DEFAULT_LAM: dict[str, float] = {"veq": 2.0}
 #: 2.3e-4 at 0.5, 3.6e-4 at the paper's τ = 1; GPTQ 1.9e-4). BENCHMARKS "Quality levers".
 DEFAULT_TAU: dict[int, float] = {2: 0.5, 3: 0.25, 4: 0.25, 8: 0.25}
 
-#: Whether GPTQ-family scales come from a range search (`veq.algorithms.gptq.hessian_clip`) when a
-#: recipe does not say: `veq` only; `gptq` and `veq-ma` keep min–max ranges, as the paper and
-#: llm-compressor's default observer do.
-DEFAULT_RANGE_SEARCH: dict[str, bool] = {"veq": True}
-
 Method = Literal["rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq"]
 METHODS: tuple[str, ...] = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq")
 
@@ -99,11 +94,12 @@ class Recipe(BaseModel):
         description="GPTQ-family column order by decreasing Hessian diagonal, with static groups "
         "(scales fixed before error feedback, so kernels need no g_idx); llm-compressor's default.",
     )
-    range_search: bool | None = Field(
-        None,
+    range_search: bool = Field(
+        False,
         description="GPTQ family: each group's range shrunk to minimise its rounding error under "
-        "the Hessian (AWQ's clip search on GPTQ's statistics) instead of min–max; default: on "
-        "for veq, off for gptq and veq-ma.",
+        "the Hessian (AWQ's clip search on GPTQ's statistics) instead of min–max; off by "
+        "default (on the reference model it helps gptq and costs veq: BENCHMARKS 'Quality "
+        "levers').",
     )
     damp: float = Field(0.01, gt=0, description="GPTQ relative damping.")
     min_expert_tokens: int = Field(
@@ -125,15 +121,12 @@ class Recipe(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _resolve_lam_tau(cls, data: Any) -> Any:
-        # Written out, as symmetric is, so that leaving λ, τ or the range search out and naming
+        # Written out, as symmetric is, so that leaving λ or τ out and naming
         # its default give the same recipe and cache key. τ follows the narrowest width written.
         if not isinstance(data, dict):
             return data
         if data.get("lam") is None:
             data = {**data, "lam": DEFAULT_LAM.get(data.get("method", "veq"), 1.0)}
-        if data.get("range_search") is None:
-            method = data.get("method", "veq")
-            data = {**data, "range_search": DEFAULT_RANGE_SEARCH.get(method, False)}
         if data.get("tau") is None:
             mixed = data.get("mixed_precision")
             bits = data.get("bits", 4)

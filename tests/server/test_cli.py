@@ -75,7 +75,7 @@ def test_quantize_passes_lam_and_the_models_own_calibration_source(monkeypatch, 
     assert main(["quantize", "--method", "veq-ma", "--lam", "0.5", "--quiet"]) == 0
     assert seen["lam"] == 0.5 and seen["method"] == "veq-ma" and seen["model"] == "mini"
     assert seen["calib"] is None  # veq.api.default_calib picks shapes for mini
-    assert seen["range_search"] is None  # the method's default
+    assert seen["range_search"] is False  # off unless asked for
     assert capsys.readouterr().out.strip() == "done"
     assert main(["quantize", "--method", "gptq", "--range-search", "--quiet"]) == 0
     assert seen["range_search"] is True and seen["method"] == "gptq"

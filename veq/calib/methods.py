@@ -138,7 +138,7 @@ class GPTQ(Method):
             cfg,
             act_order=self.recipe.act_order,
             damp=self.recipe.damp,
-            range_search=bool(self.recipe.range_search),
+            range_search=self.recipe.range_search,
         )
 
 

@@ -291,23 +291,20 @@ def test_lam_defaults_per_method_and_veq_tempers_gamma():
     assert method_for(Recipe(method="veq-ma"), 9.0, 1.0, [1.0]).gamma == 9.0
 
 
-def test_range_search_defaults_per_method_and_reaches_the_solver(monkeypatch):
-    """On for veq, off for the paper's VEQ-MA and for GPTQ (llm-compressor's min–max observer);
-    left out and named give one recipe; the strategy hands it to the GPTQ solver."""
+def test_range_search_is_off_by_default_and_reaches_the_solver(monkeypatch):
+    """Off for every method (min–max ranges, llm-compressor's default observer); asked for, the
+    strategy hands it to the GPTQ solver."""
     import veq.calib.methods as methods
     from veq.calib.methods import Statistics, method_for
 
-    assert Recipe(method="veq").range_search is True
-    assert Recipe(method="gptq").range_search is False
-    assert Recipe(method="veq-ma").range_search is False
-    assert Recipe(method="veq") == Recipe(method="veq", range_search=True)
-    assert Recipe(method="gptq", range_search=True).range_search is True
+    assert not any(Recipe(method=m).range_search for m in ("gptq", "veq-ma", "veq"))
     seen = []
     monkeypatch.setattr(methods, "gptq", lambda *a, **kw: seen.append(kw["range_search"]))
     stats = Statistics(hessian=torch.eye(8))
-    for method in ("veq", "gptq", "veq-ma"):
-        method_for(Recipe(method=method), 4.0, 1.0, [1.0]).solve(torch.ones(2, 8), stats, None)
-    assert seen == [True, False, False]
+    for method, on in (("veq", True), ("gptq", False), ("veq-ma", True)):
+        recipe = Recipe(method=method, range_search=on)
+        method_for(recipe, 4.0, 1.0, [1.0]).solve(torch.ones(2, 8), stats, None)
+    assert seen == [True, False, True]
 
 
 def test_gamma_per_layer_weighs_each_layers_text_tokens():
