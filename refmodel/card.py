@@ -252,7 +252,13 @@ def _stage_lines(cfg: dict[str, Any], steps: int) -> list[str]:
     return [
         f"- {steps} steps of batch {cfg['batch']} sequences; each sequence is one image with "
         f"{cfg['questions']} questions as a multi-turn chat, or ({_pct(cfg['text_fraction'])} %) "
-        f"{cfg['questions']} text-only questions.",
+        f"{cfg['questions']} text-only questions"
+        + (
+            f"; {' and '.join(cfg['focus'].split(','))} questions asked twice as often as the "
+            "other vision families."
+            if cfg.get("focus")
+            else "."
+        ),
         f"- Loss: cross-entropy on answer tokens (answer + `<|im_end|>`), plus "
         f"{cfg['balance_coef']} × load-balancing loss, plus {cfg['aux_weight']} × an auxiliary "
         "per-cell classification on the vision tower's merged tokens (colour and shape of the "

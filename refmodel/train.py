@@ -76,12 +76,13 @@ class TrainConfig:
     `pointer_heads` ("layer.head,...", queried from the answer's position) and `word_heads`
     (queried from the question's naming word; "" for none); `init` names another run's
     checkpoint whose model and auxiliary head a new run starts from (fresh optimiser and
-    schedule)."""
+    schedule); `focus` ("count,position") names vision families asked twice as often."""
 
     steps: int = 4000
     batch: int = 32
     questions: int = 4
     text_fraction: float = 0.2
+    focus: str = ""
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup: int = 100
@@ -334,10 +335,11 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------------
     def batch(self, step: int) -> Batch:
         base = step * self.cfg.batch
+        focus = tuple(f for f in self.cfg.focus.split(",") if f)
         return self.encoder(
             [
                 make_training_sample(
-                    TRAIN_SEEDS[base + i], self.cfg.questions, self.cfg.text_fraction
+                    TRAIN_SEEDS[base + i], self.cfg.questions, self.cfg.text_fraction, focus
                 )
                 for i in range(self.cfg.batch)
             ],

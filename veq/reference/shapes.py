@@ -687,10 +687,19 @@ def scene_and_questions(
                 return scene, tuple(qas)
 
 
-def training_sample(seed: int, questions: int = 4, text_fraction: float = 0.25) -> Sample:
-    """A training sequence: text-only with probability `text_fraction`, else an image sample."""
+def training_sample(
+    seed: int, questions: int = 4, text_fraction: float = 0.25, focus: tuple[str, ...] = ()
+) -> Sample:
+    """A training sequence: text-only with probability `text_fraction`, else an image sample whose
+    questions come from the vision families uniformly, those named in `focus` twice as often."""
     text_only = random.Random(seed * 7919 + 1).random() < text_fraction
-    return sample(seed, questions, text_only=text_only)
+    if text_only:
+        return sample(seed, questions, text_only=True)
+    unknown = set(focus) - set(VISION_FAMILIES)
+    if unknown:
+        raise ValueError(f"focus names unknown vision families: {sorted(unknown)}")
+    pool = (*VISION_FAMILIES, *focus) if focus else None
+    return sample(seed, questions, families=pool)
 
 
 def question(seed: int, family: str) -> Sample:
