@@ -139,6 +139,7 @@ def _quantize(args: argparse.Namespace) -> int:
             saliency=args.saliency,
             range_search=args.range_search,
             gamma_per_layer=args.gamma_per_layer,
+            weighted_search=args.weighted_search,
             symmetric=args.symmetric,
             out=args.out,
             cache_dir=args.cache_dir,
@@ -572,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="veq: weigh each layer's text tokens by that layer's measured γ (default: the "
         "model's mean γ)",
+    )
+    p.add_argument(
+        "--weighted-search",
+        action="store_true",
+        help="veq: weigh the scale searches' tokens by the Hessians' c = p^λ·α (default: every "
+        "routed token once)",
     )
     p.add_argument(
         "--saliency",

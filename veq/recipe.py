@@ -89,6 +89,12 @@ class Recipe(BaseModel):
         description="veq only: each decoder layer's text tokens weigh that layer's measured "
         "γ_l^τ (MBQ's granularity) instead of the model's mean γ^τ; needs gamma 'auto'.",
     )
+    weighted_search: bool = Field(
+        False,
+        description="veq only: the AWQ-family scale searches (each expert's up→down scale and "
+        "the gate/up scale shared by the experts) weigh tokens by the same c = p^λ·α as the "
+        "Hessians, instead of every routed token once.",
+    )
     act_order: bool = Field(
         True,
         description="GPTQ-family column order by decreasing Hessian diagonal, with static groups "

@@ -234,6 +234,13 @@ class VEQ(VEQMA, VEQME):
     def needs_saliency(cls, recipe: Recipe) -> bool:
         return recipe.saliency > 0
 
+    def search_weights(self, t: Tokens, layer: int) -> Tensor | None:
+        # One objective for both stages when asked: the search then scales channels for the
+        # tokens the Hessians favour (high router affinity, text), not for every routed token.
+        if self.recipe.weighted_search:
+            return VEQMA.hessian_weights(self, t, layer)
+        return super().search_weights(t, layer)
+
     def hessian_weights(self, t: Tokens, layer: int) -> Tensor | None:
         c = super().hessian_weights(t, layer)
         if not self.needs_saliency(self.recipe) or t.saliency is None:

@@ -355,3 +355,20 @@ def test_gamma_per_layer_reaches_the_hessians(tiny_model, calib):
         k for k in plain.weights if not torch.equal(plain.weights[k].codes, other.weights[k].codes)
     }
     assert changed and all(".layers.1." in k for k in changed)
+
+
+def test_weighted_search_uses_the_hessians_token_weights():
+    """`veq` with `weighted_search` weighs the scale searches' tokens by c = p^λ·γ^τ (text) and
+    p^λ (vision), as its Hessians do; without it a routed expert's tokens count once each."""
+    from veq.calib.methods import Tokens, method_for
+
+    kinds = torch.tensor([TokenKind.PROMPT, TokenKind.VISION, TokenKind.ANSWER], dtype=torch.int8)
+    t = Tokens(kinds, affinity=torch.tensor([0.5, 0.25, 1.0]))
+    recipe = Recipe(method="veq", tau=0.5, lam=2.0, weighted_search=True)
+    m = method_for(recipe, 16.0, 1.0, [1.0])
+    assert m.search_weights(t, 0).tolist() == [1.0, 0.0625, 4.0]
+    assert m.search_weights(t, 0).tolist() == m.hessian_weights(t, 0).tolist()
+    off = method_for(recipe.model_copy(update={"weighted_search": False}), 16.0, 1.0, [1.0])
+    assert off.search_weights(t, 0) is None
+    fallback = Tokens(kinds, affinity=torch.tensor([0.5, 0.25, 1.0]), fallback=True)
+    assert off.search_weights(fallback, 0).tolist() == [0.5, 0.25, 1.0]
