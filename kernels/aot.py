@@ -234,7 +234,9 @@ def _new_variant(
 
 
 def enumerate_variants(
-    archs: Iterable[str], quants: Iterable[Quant], models: Iterable[ModelShapes] = MODELS,
+    archs: Iterable[str],
+    quants: Iterable[Quant],
+    models: Iterable[ModelShapes] = MODELS,
     tokens: Iterable[int] = TOKENS,
 ) -> tuple[list[Variant], list[dict[str, Any]]]:
     """Distinct compiles over archs × models × quantizations × token counts.
