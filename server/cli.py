@@ -31,10 +31,12 @@ METHODS_HELP = """methods (--method):
            Hessians, with act-order. Beyond the paper (which evaluates ME and MA apart):
            the combination; the modality weight tempered to γ^τ (--tau; 0.5 at 2 bits,
            0.25 above, where the paper's γ over-weights text); λ = 2 (the router weight
-           scales an expert's output error, which the squared error counts twice); and,
-           optionally, Hessian tokens weighted by gradient saliency (--saliency) or γ per
-           layer (--gamma-per-layer). Any GPTQ-family method can search each group's range
-           under the Hessian instead of min-max (--range-search)
+           scales an expert's output error, which the squared error counts twice); its
+           scale searches weigh tokens by the same c as its Hessians (--no-weighted-search:
+           every routed token once); and, optionally, Hessian tokens weighted by gradient
+           saliency (--saliency) or γ per layer (--gamma-per-layer). Any GPTQ-family method
+           can search each group's range under the Hessian instead of min-max
+           (--range-search)
 
 defaults: W4 g128, symmetric codes at 4 and 8 bits (asymmetric at 2 and 3), γ measured
 ('auto') with one backward pass per calibration sample, λ = 1 for veq-ma and 2 for veq,
@@ -576,9 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--weighted-search",
-        action="store_true",
-        help="veq: weigh the scale searches' tokens by the Hessians' c = p^λ·α (default: every "
-        "routed token once)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="veq: weigh the scale searches' tokens by the Hessians' c = p^λ·α (default on; "
+        "off: every routed token once, as VEQ-ME does)",
     )
     p.add_argument(
         "--saliency",

@@ -90,10 +90,11 @@ class Recipe(BaseModel):
         "γ_l^τ (MBQ's granularity) instead of the model's mean γ^τ; needs gamma 'auto'.",
     )
     weighted_search: bool = Field(
-        False,
+        True,
         description="veq only: the AWQ-family scale searches (each expert's up→down scale and "
         "the gate/up scale shared by the experts) weigh tokens by the same c = p^λ·α as the "
-        "Hessians, instead of every routed token once.",
+        "Hessians (off: every routed token once, as VEQ-ME does); on by default after "
+        "BENCHMARKS 'Quality levers'.",
     )
     act_order: bool = Field(
         True,

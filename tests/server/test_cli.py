@@ -81,9 +81,9 @@ def test_quantize_passes_lam_and_the_models_own_calibration_source(monkeypatch, 
     assert seen["range_search"] is True and seen["method"] == "gptq"
     assert seen["gamma_per_layer"] is False
     assert main(["quantize", "--gamma-per-layer", "--quiet"]) == 0
-    assert seen["gamma_per_layer"] is True and seen["weighted_search"] is False
-    assert main(["quantize", "--weighted-search", "--quiet"]) == 0
-    assert seen["weighted_search"] is True
+    assert seen["gamma_per_layer"] is True and seen["weighted_search"] is True
+    assert main(["quantize", "--no-weighted-search", "--quiet"]) == 0
+    assert seen["weighted_search"] is False
 
 
 def test_models_lists_bundled(capsys):
