@@ -91,7 +91,7 @@ def main() -> None:
                     symmetric=False,
                     gamma=g,
                     act_order=bool(act_order),
-                    range_search=range_search,
+                    range_search=bool(range_search),
                 )
                 Calibrator(
                     model,
