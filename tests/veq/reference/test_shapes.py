@@ -266,3 +266,18 @@ def test_about_names_the_shapes_the_answer_is_read_from(family):
             ]
             assert about == found, qa
             assert bool(about) == (qa.answer == "yes"), qa
+
+
+def test_training_focus_asks_the_named_families_twice_as_often():
+    def count_share(focus: tuple[str, ...]) -> float:
+        c = Counter(
+            q.family
+            for seed in range(300)
+            for q in shapes.training_sample(seed, 4, text_fraction=0.0, focus=focus).qas
+        )
+        assert set(c) <= set(shapes.VISION_FAMILIES)
+        return c["count"] / sum(c.values())
+
+    assert count_share(("count",)) > 1.5 * count_share(())
+    with pytest.raises(ValueError, match="unknown vision families"):
+        shapes.training_sample(0, 4, text_fraction=0.0, focus=("text",))
