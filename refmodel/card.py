@@ -254,7 +254,7 @@ def _stage_lines(cfg: dict[str, Any], steps: int) -> list[str]:
         f"{cfg['questions']} questions as a multi-turn chat, or ({_pct(cfg['text_fraction'])} %) "
         f"{cfg['questions']} text-only questions"
         + (
-            f"; {' and '.join(cfg['focus'].split(','))} questions asked twice as often as the "
+            f"; {_listed(cfg['focus'].split(','))} questions asked twice as often as the "
             "other vision families."
             if cfg.get("focus")
             else "."
@@ -302,7 +302,12 @@ def _training_lines(t: dict[str, Any]) -> list[str]:
                     if exported
                     else "weights and cell head"
                 )
-                + ", a fresh optimiser and schedule, the training seeds again from the first"
+                + ", a fresh optimiser and schedule, "
+                + (
+                    f"training sequences from seed index {st['train']['data_start']:,} on"
+                    if st["train"].get("data_start")
+                    else "the training seeds again from the first"
+                )
             )
             lines.append(f"**Stage {i}** ({start}):")
             lines.append("")
@@ -338,6 +343,11 @@ def _training_lines(t: dict[str, Any]) -> list[str]:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
+
+
+def _listed(words: list[str]) -> str:
+    """`a`, `a and b`, `a, b and c`."""
+    return " and ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def render(card: dict[str, Any]) -> str:

@@ -76,13 +76,16 @@ class TrainConfig:
     `pointer_heads` ("layer.head,...", queried from the answer's position) and `word_heads`
     (queried from the question's naming word; "" for none); `init` names another run's
     checkpoint whose model and auxiliary head a new run starts from (fresh optimiser and
-    schedule); `focus` ("count,position") names vision families asked twice as often."""
+    schedule); `focus` ("count,position") names vision families asked twice as often;
+    `data_start` is the index into `TRAIN_SEEDS` of the first training sequence, so that a later
+    stage can train on sequences no earlier stage saw."""
 
     steps: int = 4000
     batch: int = 32
     questions: int = 4
     text_fraction: float = 0.2
     focus: str = ""
+    data_start: int = 0
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup: int = 100
@@ -227,6 +230,11 @@ class Trainer:
 
     def __init__(self, run: Path, size: ModelSize, cfg: TrainConfig) -> None:
         self.run, self.size, self.cfg = run, size, cfg
+        if not 0 <= cfg.data_start <= len(TRAIN_SEEDS) - cfg.steps * cfg.batch:
+            raise ValueError(
+                f"data_start {cfg.data_start} + {cfg.steps} steps × {cfg.batch} sequences "
+                f"leaves the {len(TRAIN_SEEDS):,} training seeds"
+            )
         run.mkdir(parents=True, exist_ok=True)
         self.processor = reference_processor()
         self.encoder = Encoder(self.processor)
@@ -334,7 +342,7 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------
     def batch(self, step: int) -> Batch:
-        base = step * self.cfg.batch
+        base = self.cfg.data_start + step * self.cfg.batch
         focus = tuple(f for f in self.cfg.focus.split(",") if f)
         return self.encoder(
             [

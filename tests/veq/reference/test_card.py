@@ -80,3 +80,23 @@ def test_a_stage_started_from_an_exported_model_says_so():
         "then `python -m refmodel.train export --run RUN1 --out MODEL1`, then "
         "`python -m refmodel.train --run RUN2 --init MODEL1 " in training
     )
+
+
+@pytest.mark.skipif(not (MINI_DIR / CARD_JSON).exists(), reason="no card.json shipped")
+def test_a_stage_on_fresh_training_sequences_says_where_they_start():
+    first = {"train": asdict(TrainConfig()), "steps": 4000, "train_seconds": 60.0}
+    second = {
+        "train": {
+            **asdict(TrainConfig()),
+            "init": "reference/mini",
+            "data_start": 400000,
+            "focus": "count,color,shape",
+        },
+        "steps": 4000,
+        "train_seconds": 60.0,
+    }
+    training = render(_card(_training([first, second]))).split("## Training")[1]
+    assert "training sequences from seed index 400,000 on" in training
+    assert "count, color and shape questions asked twice as often" in training
+    assert "--init MODEL1 --vision-depth 4 --deepstack 1 2 --focus count,color,shape " in training
+    assert "--data-start 400000" in training

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from refmodel.train import CHECKPOINT, HISTORY, export, main
@@ -76,6 +77,11 @@ def test_training_data_does_not_depend_on_resume_point(tmp_path):
     assert t.batch(5).spans != a.spans or not torch.equal(
         t.batch(5).inputs["input_ids"], a.inputs["input_ids"]
     )
+    # A later stage that starts `data_start` sequences in sees what this run's step 4 saw.
+    later = Trainer(tmp_path / "later", size, TrainConfig(batch=3, data_start=12))
+    assert torch.equal(later.batch(0).inputs["input_ids"], a.inputs["input_ids"])
+    with pytest.raises(ValueError, match="leaves the"):
+        Trainer(tmp_path / "past", size, TrainConfig(batch=3, data_start=10**8))
 
 
 def test_pointer_loss_of_known_attention():
