@@ -142,6 +142,7 @@ def _quantize(args: argparse.Namespace) -> int:
             range_search=args.range_search,
             gamma_per_layer=args.gamma_per_layer,
             weighted_search=args.weighted_search,
+            check_scales=args.check_scales,
             symmetric=args.symmetric,
             out=args.out,
             cache_dir=args.cache_dir,
@@ -582,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="veq: weigh the scale searches' tokens by the Hessians' c = p^λ·α (default on; "
         "off: every routed token once, as VEQ-ME does)",
+    )
+    p.add_argument(
+        "--check-scales",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="veq: fold a searched scale only if GPTQ on the full Hessians does better with it "
+        "than without (default off)",
     )
     p.add_argument(
         "--saliency",

@@ -96,6 +96,13 @@ class Recipe(BaseModel):
         "Hessians (off: every routed token once, as VEQ-ME does); on by default after "
         "BENCHMARKS 'Quality levers'.",
     )
+    check_scales: bool = Field(
+        False,
+        description="Methods with both scale searches and Hessians (veq): a searched scale is "
+        "folded only if the method's own solver, on the full Hessians of the weights it "
+        "scales, leaves less output error with it than without (the search itself judges "
+        "scales by round-to-nearest on a token sample).",
+    )
     act_order: bool = Field(
         True,
         description="GPTQ-family column order by decreasing Hessian diagonal, with static groups "

@@ -83,7 +83,9 @@ def test_quantize_passes_lam_and_the_models_own_calibration_source(monkeypatch, 
     assert main(["quantize", "--gamma-per-layer", "--quiet"]) == 0
     assert seen["gamma_per_layer"] is True and seen["weighted_search"] is True
     assert main(["quantize", "--no-weighted-search", "--quiet"]) == 0
-    assert seen["weighted_search"] is False
+    assert seen["weighted_search"] is False and seen["check_scales"] is False
+    assert main(["quantize", "--check-scales", "--quiet"]) == 0
+    assert seen["check_scales"] is True
 
 
 def test_models_lists_bundled(capsys):

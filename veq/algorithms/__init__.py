@@ -11,7 +11,7 @@
 """
 
 from veq.algorithms.awq import AWQResult, awq, awq_quantize, awq_scales, search_clip
-from veq.algorithms.gptq import gptq
+from veq.algorithms.gptq import gptq, hessian_error
 from veq.algorithms.mbq import mbq, mbq_token_weights
 from veq.algorithms.rtn import rtn
 from veq.algorithms.veq import (
@@ -33,6 +33,7 @@ __all__ = [
     "awq_moe",
     "expert_importance",
     "gptq",
+    "hessian_error",
     "ma_token_weights",
     "mbq",
     "mbq_token_weights",

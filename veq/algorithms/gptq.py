@@ -69,6 +69,13 @@ def hessian_clip(weight: Tensor, hessian: Tensor, cfg: QuantConfig) -> Tensor:
     return best_clip(weight, cfg, group_error)
 
 
+def hessian_error(weight: Tensor, quantized: Tensor, hessian: Tensor) -> float:
+    """`tr((W − Ŵ) H (W − Ŵ)ᵀ)`, GPTQ's objective: the squared output error over the inputs
+    whose (unnormalised or normalised) Hessian `H: [K, K]` is; `weight, quantized: [N, K]`."""
+    delta = (quantized.double() - weight.double()).to(hessian.device)
+    return float(torch.einsum("nk,kl,nl->", delta, hessian.double(), delta))
+
+
 def gptq(
     weight: Tensor,
     hessian: Tensor,

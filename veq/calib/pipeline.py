@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from veq.algorithms import awq_scales, expert_importance, shared_scale_search
+from veq.algorithms import awq_scales, expert_importance, hessian_error, shared_scale_search
 from veq.calib.data import CalibSample
 from veq.calib.methods import Statistics, Tokens, method_for
 from veq.calib.report import QuantReport, QuantResult
@@ -299,7 +299,7 @@ class Calibrator:
         scales: dict[str, Tensor] = {}
         if method.search:
             for g in groups:
-                s = self._search_group(layer, g, stats.get(g.linears[0]))
+                s = self._search_group(i, layer, g, stats.get(g.linears[0]))
                 if s is not None:
                     scales[g.linears[0]] = s
             if moe_plan is not None:
@@ -356,7 +356,7 @@ class Calibrator:
             m.weight.mul_(s.to(m.weight.device, m.weight.dtype))
 
     def _search_group(
-        self, layer: nn.Module, g: LinearGroup, st: _GroupStats | None
+        self, i: int, layer: nn.Module, g: LinearGroup, st: _GroupStats | None
     ) -> Tensor | None:
         if st is None:
             return None
@@ -376,6 +376,10 @@ class Calibrator:
             act_mean=st.act.mean_abs() if st.act is not None else None,
             grid=self.recipe.awq_grid,
         )
+        if not self._scale_pays(
+            f"layer {i} {g.linears[0]}", [(m.weight, st) for m in linears], s, cfg
+        ):
+            return None
         companions = [get_module(layer, p) for p in g.companions]
         self._fold(prev, linears + companions, s)
         return s
@@ -401,6 +405,36 @@ class Calibrator:
             h = h / torch.outer(s, s).to(h) if h is not None else None
             x = x / s if x is not None else None
         return self.method.solve(weight, Statistics(h, x, c), cfg)
+
+    def _scale_pays(
+        self,
+        what: str,
+        weights: Sequence[tuple[Tensor, _GroupStats | None]],
+        s: Tensor,
+        cfg: QuantConfig,
+    ) -> bool:
+        """Whether folding the searched scale `s: [K]` into the inputs of `weights` (each
+        `[N, K]` before the fold, with its inputs' statistics before the fold) lowers the total
+        output error the method's own solver leaves on the full Hessians; always true unless
+        `recipe.check_scales` asks and the method has Hessians. The search picks `s` by
+        round-to-nearest's error on a token sample; the solver that follows (GPTQ) may do
+        better without it, which is then what this says."""
+        if not (self.recipe.check_scales and self.method.hessian):
+            return True
+        plain = scaled = 0.0
+        for weight, st in weights:
+            if st is None or st.hessian is None:
+                continue
+            # Unnormalised (Σ c_j x_j x_jᵀ): weights with more token mass count more.
+            h = 2.0 * st.hessian.sum.float()
+            w = weight.float()
+            plain += hessian_error(w, self._solve(weight, st, None, cfg).dequantize(), h)
+            ws = (w * s.to(w)).to(weight.dtype)
+            hs = h / torch.outer(s, s).to(h)
+            scaled += hessian_error(ws, self._solve(ws, st, s, cfg).dequantize(), hs)
+        pays = scaled < plain
+        self.report.scale_checks[what] = {"plain": plain, "scaled": scaled, "kept": pays}
+        return pays
 
     def _record(self, name: str, qw: QuantizedWeight) -> None:
         # Results live on the host: the device holds one layer at a time, never the model.
@@ -470,6 +504,14 @@ class Calibrator:
                 if c is not None and float(c.sum()) <= 0:
                     continue  # no token this method counts (MBQ: prompt-only expert)
                 s2, _ = awq_scales([ew.down], h, cfg, token_weights=c, grid=self.recipe.awq_grid)
+                if self.recipe.check_scales:
+                    # down's statistics over all the expert's tokens, as its solve will see them
+                    hx = F.silu(x.float() @ ew.gate.float().T) * (x.float() @ ew.up.float().T)
+                    down = [(ew.down, self._stats_for(hx, t, plan.layer))]
+                    if not self._scale_pays(
+                        f"layer {plan.layer} expert {m.expert} down", down, s2, cfg
+                    ):
+                        continue
                 ew.up.div_(s2.unsqueeze(1).to(ew.up.dtype))
                 ew.down.mul_(s2.to(ew.down.dtype))
 
@@ -501,6 +543,18 @@ class Calibrator:
             token_weights=weights,
             grid=self.recipe.awq_grid,
         )
+        if self.recipe.check_scales:
+            gate_up = []
+            for m in plan.members:
+                x, t = self._member_tokens(plan, m)
+                st = self._stats_for(x, t, plan.layer)
+                ew = layer.expert(m.expert)
+                gate_up += [(ew.gate, st), (ew.up, st)]
+            if layer.shared is not None:
+                st = self._stats_for(plan.x, plan.tokens(), plan.layer)
+                gate_up += [(layer.shared.gate_proj.weight, st), (layer.shared.up_proj.weight, st)]
+            if not self._scale_pays(f"layer {plan.layer} experts gate/up", gate_up, s1, cfg):
+                return
         plan.scale = s1
         norm = get_module(self._layer_of(plan), self.arch.mlp_prev)
         with torch.no_grad():

@@ -32,6 +32,9 @@ class QuantReport:
     gamma_detail: dict[str, Any] = field(default_factory=dict)
     calib: str = ""
     """The calibration source (`veq.calib.sources` spec), or "" when data-free."""
+    scale_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """`Recipe.check_scales`: per searched scale ("layer 0 experts gate/up"), the solver's
+    output error without it (`plain`) and with it (`scaled`), and whether it was `kept`."""
 
     def summary(self) -> str:
         by_bits: dict[int, int] = {}
@@ -47,6 +50,12 @@ class QuantReport:
             f"({self.bytes_16bit / max(self.bytes_quantized, 1):.2f}x smaller)",
             f"gamma {self.gamma:.3g} ({self.gamma_source}), beta {self.beta:.3g}",
         ]
+        if self.scale_checks:
+            kept = sum(c["kept"] for c in self.scale_checks.values())
+            lines.append(
+                f"scale check: {kept} of {len(self.scale_checks)} searched scales lowered the "
+                "solver's error and were kept"
+            )
         if self.fallback_experts:
             few = ", ".join(
                 f"L{f['layer']}E{f['expert']}({f['tokens']})" for f in self.fallback_experts[:12]

@@ -72,3 +72,15 @@ def test_gptq_matches_the_textbook_algorithm(bits, group, symmetric, act_order):
     assert int(diff.max()) <= 1
     assert float((diff > 0).float().mean()) < 2e-3, float((diff > 0).float().mean())
     assert (ours.codes[:, 7] == ref[:, 7]).all()
+
+
+def test_hessian_error_is_the_output_error_over_the_inputs():
+    from veq.algorithms import hessian_error
+
+    x = correlated_inputs(300, 64, seed=5)
+    w = random_weight(24, 64, seed=6)
+    q = gptq(w, 2 * x.T @ x / 300, QuantConfig(bits=3, group_size=32, symmetric=False))
+    wq = q.dequantize()
+    out = float(((x.double() @ (w - wq).double().T) ** 2).sum())
+    assert hessian_error(w, wq, x.T @ x) == pytest.approx(out, rel=1e-5)
+    assert hessian_error(w, w, x.T @ x) == 0.0

@@ -372,3 +372,24 @@ def test_weighted_search_uses_the_hessians_token_weights():
     assert off.search_weights(t, 0) is None
     fallback = Tokens(kinds, affinity=torch.tensor([0.5, 0.25, 1.0]), fallback=True)
     assert off.search_weights(fallback, 0).tolist() == [0.5, 0.25, 1.0]
+
+
+def test_check_scales_folds_only_scales_that_lower_the_solvers_error(tiny_model, calib):
+    """With `check_scales`, every searched scale (attention inputs, each expert's up→down, the
+    experts' shared gate/up) is judged by the solver's Hessian error with and without it and
+    folded only when it lowers it; the norm in front of the experts shows whether it was."""
+    samples = calib("qwen3_vl_moe", n=6)
+    model = tiny_model("qwen3_vl_moe")
+    layers = model.model.language_model.layers
+    norms = [layer.post_attention_layernorm.weight.clone() for layer in layers]
+    result = calibrate(model, samples, "veq", 3, check_scales=True)
+    checks = result.report.scale_checks
+    for i, layer in enumerate(layers):
+        assert {f"layer {i} self_attn.q_proj", f"layer {i} experts gate/up"} <= set(checks)
+        assert any(k.startswith(f"layer {i} expert ") and k.endswith(" down") for k in checks)
+        folded = not torch.equal(layer.post_attention_layernorm.weight, norms[i])
+        assert folded == checks[f"layer {i} experts gate/up"]["kept"]
+    for c in checks.values():
+        assert c["kept"] == (c["scaled"] < c["plain"]) and c["plain"] > 0
+    assert "scale check:" in result.report.summary()
+    assert not calibrate(tiny_model("qwen3_vl_moe"), samples, "veq", 3).report.scale_checks
