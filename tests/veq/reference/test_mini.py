@@ -67,11 +67,6 @@ def test_accuracy_matches_model_card(card, accuracy):
     assert abs(accuracy - card["heldout"]["accuracy"]) <= OVERALL_TOLERANCE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13's target (>= 97 % held-out, >= 90 % per family) is not met yet: every "
-    "family is at 90 % or more after stage 3 (counting 90.3 %), but 96.7 % overall",
-)
 def test_card_meets_the_targets_on_its_own_task(card):
     held = card["heldout"]
     assert held["accuracy"] >= 0.97 and held["n"] >= 2000
