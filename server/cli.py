@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="veq: fold a searched scale only if GPTQ on the full Hessians does better with it "
-        "than without (default off)",
+        "than without (default off: worse on mini, BENCHMARKS 'Quality levers')",
     )
     p.add_argument(
         "--saliency",

@@ -101,7 +101,8 @@ class Recipe(BaseModel):
         description="Methods with both scale searches and Hessians (veq): a searched scale is "
         "folded only if the method's own solver, on the full Hessians of the weights it "
         "scales, leaves less output error with it than without (the search itself judges "
-        "scales by round-to-nearest on a token sample).",
+        "scales by round-to-nearest on a token sample); off: on the reference model it "
+        "raised the KL at every width (BENCHMARKS 'Quality levers').",
     )
     act_order: bool = Field(
         True,
