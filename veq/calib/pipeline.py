@@ -406,6 +406,11 @@ class Calibrator:
             x = x / s if x is not None else None
         return self.method.solve(weight, Statistics(h, x, c), cfg)
 
+    @property
+    def _checks_scales(self) -> bool:
+        """`recipe.check_scales`, for a method whose solver has Hessians to check with."""
+        return self.recipe.check_scales and self.method.hessian
+
     def _scale_pays(
         self,
         what: str,
@@ -416,10 +421,9 @@ class Calibrator:
         """Whether folding the searched scale `s: [K]` into the inputs of `weights` (each
         `[N, K]` before the fold, with its inputs' statistics before the fold) lowers the total
         output error the method's own solver leaves on the full Hessians; always true unless
-        `recipe.check_scales` asks and the method has Hessians. The search picks `s` by
-        round-to-nearest's error on a token sample; the solver that follows (GPTQ) may do
-        better without it, which is then what this says."""
-        if not (self.recipe.check_scales and self.method.hessian):
+        `_checks_scales`. The search picks `s` by round-to-nearest's error on a token sample;
+        the solver that follows (GPTQ) may do better without it, which is then what this says."""
+        if not self._checks_scales:
             return True
         plain = scaled = 0.0
         for weight, st in weights:
@@ -504,7 +508,7 @@ class Calibrator:
                 if c is not None and float(c.sum()) <= 0:
                     continue  # no token this method counts (MBQ: prompt-only expert)
                 s2, _ = awq_scales([ew.down], h, cfg, token_weights=c, grid=self.recipe.awq_grid)
-                if self.recipe.check_scales:
+                if self._checks_scales:
                     # down's statistics over all the expert's tokens, as its solve will see them
                     hx = F.silu(x.float() @ ew.gate.float().T) * (x.float() @ ew.up.float().T)
                     down = [(ew.down, self._stats_for(hx, t, plan.layer))]
@@ -543,7 +547,7 @@ class Calibrator:
             token_weights=weights,
             grid=self.recipe.awq_grid,
         )
-        if self.recipe.check_scales:
+        if self._checks_scales:
             gate_up = []
             for m in plan.members:
                 x, t = self._member_tokens(plan, m)
