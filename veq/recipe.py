@@ -116,6 +116,15 @@ class Recipe(BaseModel):
         "default (on the reference model it helps gptq and costs veq: BENCHMARKS 'Quality "
         "levers').",
     )
+    fp_target: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="GPTQ family: asymmetric calibration (GPTAQ): each linear is solved to give "
+        "the 16-bit model's outputs from the quantized model's inputs, moving this far (0: "
+        "plain GPTQ, 1: the full least-squares target) towards the weight that would; the "
+        "16-bit model runs beside the quantized one during calibration.",
+    )
     damp: float = Field(0.01, gt=0, description="GPTQ relative damping.")
     min_expert_tokens: int = Field(
         16, ge=1, description="Experts routed fewer calibration tokens use the all-token fallback."

@@ -1,4 +1,5 @@
-"""Streaming calibration statistics: weighted Hessians and per-channel activation magnitudes.
+"""Streaming calibration statistics: weighted Hessians, their asymmetric residuals and
+per-channel activation magnitudes.
 
 Owns accumulation over batches (token-weighted, mergeable across batches and workers). It does
 not decide the token weights (the methods in `veq.algorithms` do) nor where inputs come from (the
@@ -74,6 +75,41 @@ class HessianAccumulator:
 
     def hessian(self) -> Tensor:
         """`[K, K]` float32, normalised by the total token weight; raises when nothing was seen."""
+        if self.total_weight <= 0:
+            raise ValueError("no calibration tokens (or only zero-weight ones) were accumulated")
+        return (2.0 * self.sum / self.total_weight).float()
+
+
+class ResidualAccumulator:
+    """`D = 2 · Σ_j c_j (x_j − x̃_j) x̃_jᵀ / Σ_j c_j`: how the full-precision model's inputs `x`
+    of a linear differ from the quantized model's `x̃` at the same tokens, seen through `x̃` (the
+    asymmetric term of GPTAQ, Li et al. 2025). Normalised as `HessianAccumulator` is, with the
+    same weights, so that `W D H⁻¹` needs no rescaling."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.in_features = in_features
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.total_weight = 0.0
+
+    def add(self, x_fp: Tensor, x_q: Tensor, weights: Tensor | None = None) -> None:
+        """Accumulate paired inputs `x_fp, x_q: [..., K]` (one row per token in both) with
+        optional per-token weights `[...]`."""
+        x_q = _flatten_tokens(x_q, self.in_features).to(self.sum)
+        x_fp = _flatten_tokens(x_fp, self.in_features).to(self.sum)
+        if x_fp.shape != x_q.shape:
+            raise ValueError(f"unpaired inputs: {tuple(x_fp.shape)} and {tuple(x_q.shape)}")
+        w = _check_token_weights(weights, x_q.shape[0])
+        delta = x_fp - x_q
+        if w is None:
+            self.total_weight += float(x_q.shape[0])
+        else:
+            w = w.to(self.sum)
+            self.total_weight += float(w.sum())
+            delta = delta * w.unsqueeze(1)
+        self.sum.addmm_(delta.T, x_q)
+
+    def residual(self) -> Tensor:
+        """`[K, K]` float32; raises when nothing was seen."""
         if self.total_weight <= 0:
             raise ValueError("no calibration tokens (or only zero-weight ones) were accumulated")
         return (2.0 * self.sum / self.total_weight).float()

@@ -8,10 +8,11 @@
 | mbq     | `mbq`                   | inputs X and token kinds, vision weight r_l              |
 | veq-me  | `veq_me`                | per-expert routed inputs and importance S_i              |
 | veq-ma  | `veq_ma` (or `gptq`)    | Hessian weighted by `ma_token_weights` (p^λ · α)         |
+| (GPTAQ) | `fp_target`, then `gptq` | also the residual `Σ c (x − x̃) x̃ᵀ` to 16-bit inputs |
 """
 
 from veq.algorithms.awq import AWQResult, awq, awq_quantize, awq_scales, search_clip
-from veq.algorithms.gptq import gptq, hessian_error
+from veq.algorithms.gptq import fp_target, gptq, hessian_error
 from veq.algorithms.mbq import mbq, mbq_token_weights
 from veq.algorithms.rtn import rtn
 from veq.algorithms.veq import (
@@ -32,6 +33,7 @@ __all__ = [
     "awq_scales",
     "awq_moe",
     "expert_importance",
+    "fp_target",
     "gptq",
     "hessian_error",
     "ma_token_weights",

@@ -76,6 +76,35 @@ def hessian_error(weight: Tensor, quantized: Tensor, hessian: Tensor) -> float:
     return float(torch.einsum("nk,kl,nl->", delta, hessian.double(), delta))
 
 
+def fp_target(
+    weight: Tensor, hessian: Tensor, residual: Tensor, *, strength: float = 1.0, damp: float = 0.01
+) -> Tensor:
+    """The weight GPTQ should approach when its inputs are the quantized model's `x̃` but its
+    outputs should be the full-precision model's `W x` (asymmetric calibration, GPTAQ).
+
+    `min_Q Σ_j c_j ‖W x_j − Q x̃_j‖²` is `min_Q ‖(Q − W*) x̃‖²` with the least-squares target
+    `W* = W + W D H⁻¹` (`H = 2Σ c x̃ x̃ᵀ/Σc`, `D = 2Σ c (x − x̃) x̃ᵀ/Σc`), so GPTQ on `W*` with `H`
+    solves it. `strength` ∈ [0, 1] moves only that far towards `W*`: `D` and `H⁻¹` come from a
+    few hundred tokens and the full correction can fit their noise. `H` is damped as GPTQ
+    damps it (λ = damp · mean diag, raised if singular). When the two models' inputs agree
+    (`D = 0`, the first layer) this is `W` exactly.
+
+    Args:
+        weight: [N, K]; hessian, residual: [K, K] (`HessianAccumulator`, `ResidualAccumulator`).
+
+    Returns:
+        [N, K] float32.
+    """
+    if residual.shape != hessian.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} and Hessian {tuple(hessian.shape)}")
+    w = weight.detach().float()
+    if strength == 0:
+        return w.clone()
+    upper, _ = inverse_cholesky(hessian.detach().float(), damp)  # (H + λI)⁻¹ = Uᵀ U
+    correction = (w @ residual.float().to(w.device)) @ upper.T @ upper
+    return w + strength * correction
+
+
 def gptq(
     weight: Tensor,
     hessian: Tensor,

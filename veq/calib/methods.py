@@ -23,7 +23,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from veq.algorithms import awq_quantize, gptq, ma_token_weights, mbq_token_weights, rtn
+from veq.algorithms import (
+    awq_quantize,
+    fp_target,
+    gptq,
+    ma_token_weights,
+    mbq_token_weights,
+    rtn,
+)
 from veq.config import QuantConfig
 from veq.quantizer import QuantizedWeight
 from veq.recipe import Recipe
@@ -57,13 +64,15 @@ class Tokens:
 
 @dataclass(frozen=True)
 class Statistics:
-    """What a solver gets for one weight: the Hessian of its inputs (`[K, K]` fp64 or None), and
+    """What a solver gets for one weight: the Hessian of its inputs (`[K, K]` fp64 or None),
     sampled inputs `x: [T, K]` with their token weights `c: [T]` (or None) for AWQ-family
-    losses."""
+    losses, and the residual `[K, K]` of the 16-bit model's inputs against the quantized
+    model's (`ResidualAccumulator`; None unless `Recipe.fp_target`)."""
 
     hessian: Tensor | None = None
     x: Tensor | None = None
     c: Tensor | None = None
+    residual: Tensor | None = None
 
 
 class Method:
@@ -124,7 +133,8 @@ class Method:
 
 
 class GPTQ(Method):
-    """GPTQ on the (membership-weighted) Hessian of each weight's inputs."""
+    """GPTQ on the (membership-weighted) Hessian of each weight's inputs; with
+    `recipe.fp_target`, towards the weight that gives the 16-bit model's outputs (GPTAQ)."""
 
     name = "gptq"
     hessian = True
@@ -132,6 +142,14 @@ class GPTQ(Method):
     def solve(self, weight: Tensor, st: Statistics | None, cfg: QuantConfig) -> QuantizedWeight:
         if st is None or st.hessian is None:
             return rtn(weight, cfg)
+        if st.residual is not None and self.recipe.fp_target > 0:
+            weight = fp_target(
+                weight,
+                st.hessian,
+                st.residual,
+                strength=self.recipe.fp_target,
+                damp=self.recipe.damp,
+            )
         return gptq(
             weight,
             st.hessian,

@@ -46,7 +46,7 @@ from veq.models.capture import LayerInputs, capture_layer_inputs
 from veq.models.capture import to_device as _to
 from veq.quantizer import QuantizedWeight
 from veq.recipe import Recipe, allocate_expert_bits
-from veq.stats import ActivationStats, HessianAccumulator
+from veq.stats import ActivationStats, HessianAccumulator, ResidualAccumulator
 from veq.tokens import TokenKind
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class _Capture:
         self.hidden = [c.hidden for c in inputs]
         self.kwargs = [c.kwargs for c in inputs]
         self.text_kwargs = [c.text_kwargs for c in inputs]
+        # The 16-bit model's own hidden states at the current layer, for `Recipe.fp_target`
+        # (`hidden` are the quantized model's from layer 1 on).
+        self.fp_hidden: list[Tensor] | None = None
 
 
 def capture_inputs(
@@ -80,20 +83,34 @@ def capture_inputs(
 class _GroupStats:
     """Statistics of one linear group's shared input over all samples of a layer."""
 
-    def __init__(self, k: int, hessian: bool, scale: bool, cap: int, device: torch.device) -> None:
+    def __init__(
+        self, k: int, hessian: bool, scale: bool, residual: bool, cap: int, device: torch.device
+    ) -> None:
         self.hessian = (
             HessianAccumulator(k, dtype=torch.float64, device=device) if hessian else None
         )
+        self.residual = ResidualAccumulator(k, device=device) if residual else None
         self.act = ActivationStats(k, device=device) if scale else None
         self.cap = cap
         self.xs: list[Tensor] = []
         self.cs: list[Tensor | None] = []
 
     def add(
-        self, x: Tensor, h_weights: Tensor | None, s_weights: Tensor | None, per_sample: int
+        self,
+        x: Tensor,
+        h_weights: Tensor | None,
+        s_weights: Tensor | None,
+        per_sample: int,
+        x_fp: Tensor | None = None,
     ) -> None:
+        """`x: [T, K]` the quantized model's inputs; `x_fp: [T, K]` the 16-bit model's at the
+        same tokens (needed when the residual is kept)."""
         if self.hessian is not None:
             self.hessian.add(x, h_weights)
+        if self.residual is not None:
+            if x_fp is None:
+                raise ValueError("the residual needs the 16-bit model's inputs")
+            self.residual.add(x_fp, x, h_weights)
         if self.act is not None:
             self.act.add(x, s_weights)
             idx = _subsample(x.shape[0], per_sample, x.device)
@@ -178,6 +195,8 @@ class Calibrator:
         layers = decoder_layers(self.model, self.arch)
         self.model.eval()
         cap = None if self.recipe.data_free else self._capture(layers)
+        if cap is not None and self._fp_targets:
+            cap.fp_hidden = list(cap.hidden)
         bar = tqdm(
             total=len(layers),
             desc=f"quantize {self.recipe.label}",
@@ -225,19 +244,30 @@ class Calibrator:
                 move(home)
 
     @torch.no_grad()
-    def _run_layer(self, layer: nn.Module, cap: _Capture, s: int) -> Tensor:
-        out = layer(cap.hidden[s].to(self.device), **_to(cap.kwargs[s], self.device))
+    def _run_layer(self, layer: nn.Module, cap: _Capture, s: int, fp: bool = False) -> Tensor:
+        """Layer output `[1, S, H]` of sample s from the quantized model's hidden states (or,
+        with `fp`, the 16-bit model's)."""
+        hidden = cap.fp_hidden[s] if fp and cap.fp_hidden is not None else cap.hidden[s]
+        out = layer(hidden.to(self.device), **_to(cap.kwargs[s], self.device))
         return out[0] if isinstance(out, tuple) else out
+
+    def _next_hidden(self, i: int, out: Tensor, cap: _Capture, s: int) -> Tensor:
+        """Layer i's output as layer i + 1's input (on the host)."""
+        if self.arch.post_layer is not None:
+            out = self.arch.post_layer(i, out, _to(cap.text_kwargs[s], self.device))
+        return out.cpu()
 
     @torch.no_grad()
     def _propagate(self, i: int, layer: nn.Module, cap: _Capture) -> list[Tensor]:
-        outs = []
-        for s in range(len(self.samples)):
-            out = self._run_layer(layer, cap, s)
-            if self.arch.post_layer is not None:
-                out = self.arch.post_layer(i, out, _to(cap.text_kwargs[s], self.device))
-            outs.append(out.cpu())
-        return outs
+        return [
+            self._next_hidden(i, self._run_layer(layer, cap, s), cap, s)
+            for s in range(len(self.samples))
+        ]
+
+    @property
+    def _fp_targets(self) -> bool:
+        """`recipe.fp_target`, for a method whose solver has Hessians to apply it with."""
+        return self.recipe.fp_target > 0 and self.method.hessian
 
     # -- one layer -----------------------------------------------------------------------
 
@@ -248,14 +278,28 @@ class Calibrator:
         per_sample = max(1, self.recipe.max_search_tokens // len(self.samples))
         stats: dict[str, _GroupStats] = {}
         moe_inputs: list[Tensor] = []
+        moe_fp_inputs: list[Tensor] = []
         current: dict[str, Tensor] = {}
+        # With fp targets each sample runs twice: first the 16-bit model's hidden states, whose
+        # inputs to each group wait here for the quantized model's run at the same tokens.
+        fp_inputs: dict[str, Tensor] = {}
+        fp_pass = [False]
 
         def group_hook(key: str) -> Callable[[nn.Module, tuple], None]:
             def hook(module: nn.Module, args: tuple) -> None:
                 x = args[0].reshape(-1, args[0].shape[-1])
+                if fp_pass[0]:
+                    fp_inputs[key] = x.detach().clone()
+                    return
                 t = Tokens(current["kinds"], saliency=current.get("saliency"))
                 st = stats.setdefault(key, self._new_stats(x.shape[1]))
-                st.add(x, method.hessian_weights(t, i), method.search_weights(t, i), per_sample)
+                st.add(
+                    x,
+                    method.hessian_weights(t, i),
+                    method.search_weights(t, i),
+                    per_sample,
+                    fp_inputs.pop(key, None),
+                )
 
             return hook
 
@@ -270,18 +314,27 @@ class Calibrator:
         if moe is not None:
 
             def moe_hook(module: nn.Module, args: tuple) -> None:
-                moe_inputs.append(args[0].reshape(-1, args[0].shape[-1]).detach())
+                x = args[0].reshape(-1, args[0].shape[-1]).detach()
+                (moe_fp_inputs if fp_pass[0] else moe_inputs).append(x)
 
             handles.append(moe.block.register_forward_pre_hook(moe_hook))
+        fp_next: list[Tensor] = []
         try:
             for s, sample in enumerate(self.samples):
                 current["kinds"] = sample.kinds.to(self.device)
                 if self.saliency is not None:
                     current["saliency"] = self.saliency[s][i].to(self.device)
+                if cap.fp_hidden is not None:
+                    fp_pass[0] = True
+                    out = self._run_layer(layer, cap, s, fp=True)
+                    fp_next.append(self._next_hidden(i, out, cap, s))
+                    fp_pass[0] = False
                 self._run_layer(layer, cap, s)
         finally:
             for h in handles:
                 h.remove()
+        if cap.fp_hidden is not None:
+            cap.fp_hidden = fp_next  # the 16-bit layer's outputs: folding below is exact
 
         kinds = torch.cat([s.kinds for s in self.samples]).to(self.device)
         saliency = (
@@ -290,7 +343,14 @@ class Calibrator:
             else None
         )
         moe_plan = (
-            self._plan_moe(i, moe, torch.cat(moe_inputs), kinds, saliency)
+            self._plan_moe(
+                i,
+                moe,
+                torch.cat(moe_inputs),
+                torch.cat(moe_fp_inputs) if moe_fp_inputs else None,
+                kinds,
+                saliency,
+            )
             if moe is not None
             else None
         )
@@ -400,11 +460,14 @@ class Calibrator:
         if st is None:
             return self.method.solve(weight, None, cfg)
         h = st.hessian.hessian() if st.hessian is not None else None
+        r = st.residual.residual() if st.residual is not None else None
         x, c = st.sample()
         if s is not None:
-            h = h / torch.outer(s, s).to(h) if h is not None else None
+            ss = torch.outer(s, s)
+            h = h / ss.to(h) if h is not None else None
+            r = r / ss.to(r) if r is not None else None
             x = x / s if x is not None else None
-        return self.method.solve(weight, Statistics(h, x, c), cfg)
+        return self.method.solve(weight, Statistics(h, x, c, r), cfg)
 
     @property
     def _checks_scales(self) -> bool:
@@ -453,8 +516,16 @@ class Calibrator:
     # -- MoE -----------------------------------------------------------------------------
 
     def _plan_moe(
-        self, layer_idx: int, moe: MoEView, x: Tensor, kinds: Tensor, saliency: Tensor | None
+        self,
+        layer_idx: int,
+        moe: MoEView,
+        x: Tensor,
+        x_fp: Tensor | None,
+        kinds: Tensor,
+        saliency: Tensor | None,
     ) -> _MoEPlan:
+        """`x: [T, H]` the block's inputs in the quantized model, which route the tokens;
+        `x_fp: [T, H]` the 16-bit model's at the same tokens (fp targets only)."""
         probs, idx, _ = moe.route(x.to(self.device))
         is_text = kinds != TokenKind.VISION
         e_count = moe.num_experts
@@ -481,7 +552,16 @@ class Calibrator:
         else:
             bits = [self.recipe.bits] * e_count
         return _MoEPlan(
-            layer_idx, moe, x.to(self.device), kinds, probs, members, importance, bits, saliency
+            layer_idx,
+            moe,
+            x.to(self.device),
+            kinds,
+            probs,
+            members,
+            importance,
+            bits,
+            saliency,
+            x_fp=x_fp.to(self.device) if x_fp is not None else None,
         )
 
     def _member_tokens(self, plan: _MoEPlan, m: _Member) -> tuple[Tensor, Tokens]:
@@ -491,6 +571,13 @@ class Calibrator:
         if m.tokens is None:
             return plan.x, every
         return plan.x[m.tokens], every.select(m.tokens)
+
+    @staticmethod
+    def _member_fp(plan: _MoEPlan, m: _Member) -> Tensor | None:
+        """The 16-bit model's inputs `[T_m, H]` at expert m's tokens (None without fp targets)."""
+        if plan.x_fp is None or m.tokens is None:
+            return plan.x_fp
+        return plan.x_fp[m.tokens]
 
     def _search_moe(self, plan: _MoEPlan) -> None:
         """Per-expert up→down scales, then the gate/up scale shared by all experts (and shared
@@ -503,15 +590,16 @@ class Calibrator:
                 x, t = self._member_tokens(plan, m)
                 idx = _subsample(x.shape[0], cap, x.device)
                 ew = layer.expert(m.expert)
-                h = F.silu(x[idx].float() @ ew.gate.float().T) * (x[idx].float() @ ew.up.float().T)
+                h = _expert_hidden(ew, x[idx])
                 c = self.method.search_weights(t.select(idx), plan.layer)
                 if c is not None and float(c.sum()) <= 0:
                     continue  # no token this method counts (MBQ: prompt-only expert)
                 s2, _ = awq_scales([ew.down], h, cfg, token_weights=c, grid=self.recipe.awq_grid)
                 if self._checks_scales:
                     # down's statistics over all the expert's tokens, as its solve will see them
-                    hx = F.silu(x.float() @ ew.gate.float().T) * (x.float() @ ew.up.float().T)
-                    down = [(ew.down, self._stats_for(hx, t, plan.layer))]
+                    xf = self._member_fp(plan, m)
+                    hf = _expert_hidden(ew, xf) if xf is not None else None
+                    down = [(ew.down, self._stats_for(_expert_hidden(ew, x), t, plan.layer, hf))]
                     if not self._scale_pays(
                         f"layer {plan.layer} expert {m.expert} down", down, s2, cfg
                     ):
@@ -551,11 +639,11 @@ class Calibrator:
             gate_up = []
             for m in plan.members:
                 x, t = self._member_tokens(plan, m)
-                st = self._stats_for(x, t, plan.layer)
+                st = self._stats_for(x, t, plan.layer, self._member_fp(plan, m))
                 ew = layer.expert(m.expert)
                 gate_up += [(ew.gate, st), (ew.up, st)]
             if layer.shared is not None:
-                st = self._stats_for(plan.x, plan.tokens(), plan.layer)
+                st = self._stats_for(plan.x, plan.tokens(), plan.layer, plan.x_fp)
                 gate_up += [(layer.shared.gate_proj.weight, st), (layer.shared.up_proj.weight, st)]
             if not self._scale_pays(f"layer {plan.layer} experts gate/up", gate_up, s1, cfg):
                 return
@@ -576,21 +664,27 @@ class Calibrator:
         s1 = plan.scale
         for m in plan.members:
             x, t = self._member_tokens(plan, m)
+            xf = self._member_fp(plan, m)
             if s1 is not None:
                 x = x / s1
+                xf = xf / s1 if xf is not None else None
             cfg = self.recipe.quant_config(plan.bits[m.expert])
             ew = moe.expert(m.expert)
-            gate_up_st = self._stats_for(x, t, plan.layer)
+            gate_up_st = self._stats_for(x, t, plan.layer, xf)
             qg = self._solve(ew.gate, gate_up_st, None, cfg)
             qu = self._solve(ew.up, gate_up_st, None, cfg)
             # down's inputs through the (folded, still full-precision) gate/up of this expert,
-            # weighted per token as gate/up's inputs are.
-            h = F.silu(x.float() @ ew.gate.float().T) * (x.float() @ ew.up.float().T)
-            qd = self._solve(ew.down, self._stats_for(h, t, plan.layer), None, cfg)
+            # weighted per token as gate/up's inputs are; the 16-bit model's through the same.
+            h = _expert_hidden(ew, x)
+            hf = _expert_hidden(ew, xf) if xf is not None else None
+            qd = self._solve(ew.down, self._stats_for(h, t, plan.layer, hf), None, cfg)
             self._write_expert(moe, prefix, m.expert, [qg, qu, qd])
         if moe.shared is not None:
-            x = plan.x / s1 if s1 is not None else plan.x
-            self._quantize_shared(moe, prefix, self._stats_for(x, plan.tokens(), plan.layer))
+            x, xf = plan.x, plan.x_fp
+            if s1 is not None:
+                x = x / s1
+                xf = xf / s1 if xf is not None else None
+            self._quantize_shared(moe, prefix, self._stats_for(x, plan.tokens(), plan.layer, xf))
 
     def _write_expert(
         self, moe: MoEView, prefix: str, e: int, solved: Sequence[QuantizedWeight]
@@ -615,11 +709,19 @@ class Calibrator:
 
     def _new_stats(self, k: int) -> _GroupStats:
         return _GroupStats(
-            k, self.method.hessian, self.method.search, self.recipe.max_search_tokens, self.device
+            k,
+            self.method.hessian,
+            self.method.search,
+            self._fp_targets,
+            self.recipe.max_search_tokens,
+            self.device,
         )
 
-    def _stats_for(self, x: Tensor, t: Tokens, layer: int) -> _GroupStats | None:
-        """Statistics of already-collected inputs `x: [T, K]` (experts, shared experts)."""
+    def _stats_for(
+        self, x: Tensor, t: Tokens, layer: int, x_fp: Tensor | None = None
+    ) -> _GroupStats | None:
+        """Statistics of already-collected inputs `x: [T, K]` (experts, shared experts), with
+        the 16-bit model's `x_fp: [T, K]` at the same tokens when fp targets are on."""
         if not self.method.needs_stats:
             return None
         st = self._new_stats(x.shape[1])
@@ -628,8 +730,15 @@ class Calibrator:
             self.method.hessian_weights(t, layer),
             self.method.search_weights(t, layer),
             self.recipe.max_search_tokens,
+            x_fp.float() if x_fp is not None else None,
         )
         return st
+
+
+def _expert_hidden(ew: ExpertWeights, x: Tensor) -> Tensor:
+    """`silu(x Gᵀ) ⊙ (x Uᵀ)`: an expert's down-proj inputs `[T, I]` fp32 from `x: [T, H]`."""
+    x = x.float()
+    return F.silu(x @ ew.gate.float().T) * (x @ ew.up.float().T)
 
 
 @dataclass
@@ -654,6 +763,7 @@ class _MoEPlan:
     bits: list[int]
     saliency: Tensor | None = None
     scale: Tensor | None = None
+    x_fp: Tensor | None = None
 
     def tokens(self) -> Tokens:
         """Every token of the block (shared experts): kinds and saliency, no affinity."""
