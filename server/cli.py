@@ -143,6 +143,7 @@ def _quantize(args: argparse.Namespace) -> int:
             gamma_per_layer=args.gamma_per_layer,
             weighted_search=args.weighted_search,
             check_scales=args.check_scales,
+            fp_target=args.fp_target,
             symmetric=args.symmetric,
             out=args.out,
             cache_dir=args.cache_dir,
@@ -590,6 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="veq: fold a searched scale only if GPTQ on the full Hessians does better with it "
         "than without (default off: worse on mini, BENCHMARKS 'Quality levers')",
+    )
+    p.add_argument(
+        "--fp-target",
+        type=float,
+        default=None,
+        metavar="STRENGTH",
+        help="GPTQ family: aim each linear at the 16-bit model's outputs from the quantized "
+        "model's inputs (GPTAQ), this far towards the least-squares weight, 0..1 (default 0.5 "
+        "for veq, 0 for gptq and veq-ma)",
     )
     p.add_argument(
         "--saliency",

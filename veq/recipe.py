@@ -31,6 +31,9 @@ DEFAULT_LAM: dict[str, float] = {"veq": 2.0}
 #: τ = 0.5 against 0.011 at 0.25 and GPTQ's 0.030), while at W3 they cost (1.6e-4 at τ = 0.25,
 #: 2.3e-4 at 0.5, 3.6e-4 at the paper's τ = 1; GPTQ 1.9e-4). BENCHMARKS "Quality levers".
 DEFAULT_TAU: dict[int, float] = {2: 0.5, 3: 0.25, 4: 0.25, 8: 0.25}
+#: `veq`'s fp-target strength (GPTAQ's asymmetric calibration, halfway to the least-squares
+#: target); `gptq` and `veq-ma` stay the published methods (0). BENCHMARKS "Quality levers".
+DEFAULT_FP_TARGET: dict[str, float] = {"veq": 0.5}
 
 Method = Literal["rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq"]
 METHODS: tuple[str, ...] = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq")
@@ -116,14 +119,15 @@ class Recipe(BaseModel):
         "default (on the reference model it helps gptq and costs veq: BENCHMARKS 'Quality "
         "levers').",
     )
-    fp_target: float = Field(
-        0.0,
+    fp_target: float | None = Field(
+        None,
         ge=0,
         le=1,
-        description="GPTQ family: asymmetric calibration (GPTAQ): each linear is solved to give "
-        "the 16-bit model's outputs from the quantized model's inputs, moving this far (0: "
-        "plain GPTQ, 1: the full least-squares target) towards the weight that would; the "
-        "16-bit model runs beside the quantized one during calibration.",
+        description="GPTQ family: asymmetric calibration (GPTAQ): each linear aims at the "
+        "16-bit model's outputs from the quantized model's inputs, moving this far (0: plain "
+        "GPTQ, 1: the full least-squares target) towards the weight that would give them; "
+        "the 16-bit model runs beside the quantized one during calibration. Default per "
+        "method (DEFAULT_FP_TARGET: 0.5 for veq, 0 for the rest).",
     )
     damp: float = Field(0.01, gt=0, description="GPTQ relative damping.")
     min_expert_tokens: int = Field(
@@ -144,13 +148,16 @@ class Recipe(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _resolve_lam_tau(cls, data: Any) -> Any:
-        # Written out, as symmetric is, so that leaving λ or τ out and naming
+    def _resolve_method_defaults(cls, data: Any) -> Any:
+        # Written out, as symmetric is, so that leaving λ, τ or the fp target out and naming
         # its default give the same recipe and cache key. τ follows the narrowest width written.
         if not isinstance(data, dict):
             return data
+        method = data.get("method", "veq")
         if data.get("lam") is None:
-            data = {**data, "lam": DEFAULT_LAM.get(data.get("method", "veq"), 1.0)}
+            data = {**data, "lam": DEFAULT_LAM.get(method, 1.0)}
+        if data.get("fp_target") is None:
+            data = {**data, "fp_target": DEFAULT_FP_TARGET.get(method, 0.0)}
         if data.get("tau") is None:
             mixed = data.get("mixed_precision")
             bits = data.get("bits", 4)

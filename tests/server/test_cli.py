@@ -50,6 +50,13 @@ def test_bad_flag_value_is_one_line_and_nonzero():
     assert "Traceback" not in res.stderr
 
 
+def test_out_of_range_fp_target_is_one_line_and_nonzero(capsys):
+    assert main(["quantize", "--fp-target", "1.5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("veq: error:") and "less than or equal to 1" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_group_size_parsing():
     parser = build_parser()
     assert parser.parse_args(["quantize", "--group-size", "channel"]).group_size is None
@@ -85,7 +92,9 @@ def test_quantize_passes_lam_and_the_models_own_calibration_source(monkeypatch, 
     assert main(["quantize", "--no-weighted-search", "--quiet"]) == 0
     assert seen["weighted_search"] is False and seen["check_scales"] is False
     assert main(["quantize", "--check-scales", "--quiet"]) == 0
-    assert seen["check_scales"] is True
+    assert seen["check_scales"] is True and seen["fp_target"] is None  # the method's default
+    assert main(["quantize", "--fp-target", "0.25", "--quiet"]) == 0
+    assert seen["fp_target"] == 0.25
 
 
 def test_models_lists_bundled(capsys):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from veq.stats import ActivationStats, HessianAccumulator
+from veq.stats import ActivationStats, HessianAccumulator, ResidualAccumulator
 
 
 def test_hessian_is_gptq_convention(make_inputs):
@@ -61,3 +61,27 @@ def test_activation_stats_weighted_mean(make_inputs):
     plain = ActivationStats(24)
     plain.add(x)
     torch.testing.assert_close(plain.mean_abs(), x.abs().mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_residual_matches_explicit_sum_and_hessians_normalisation(make_inputs):
+    x_q = make_inputs(200, 24, seed=3)
+    x_fp = x_q + 0.3 * make_inputs(200, 24, seed=4)
+    c = torch.rand(200, generator=torch.Generator().manual_seed(3)) * 4
+    acc = ResidualAccumulator(24)
+    acc.add(x_fp[:50], x_q[:50], c[:50])
+    acc.add(x_fp[50:].reshape(3, 50, 24), x_q[50:].reshape(3, 50, 24), c[50:].reshape(3, 50))
+    expected = 2 * sum(c[j] * torch.outer(x_fp[j] - x_q[j], x_q[j]) for j in range(200)) / c.sum()
+    torch.testing.assert_close(acc.residual(), expected.float(), rtol=1e-5, atol=1e-5)
+    same = ResidualAccumulator(24)
+    same.add(x_q, x_q)
+    assert torch.count_nonzero(same.residual()) == 0
+
+
+def test_residual_rejects_bad_input(make_inputs):
+    acc = ResidualAccumulator(16)
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        acc.residual()
+    with pytest.raises(ValueError, match="unpaired"):
+        acc.add(make_inputs(10, 16, seed=0), make_inputs(12, 16, seed=1))
+    with pytest.raises(ValueError, match="16 features"):
+        acc.add(make_inputs(10, 8, seed=0), make_inputs(10, 8, seed=1))

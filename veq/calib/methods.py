@@ -142,7 +142,7 @@ class GPTQ(Method):
     def solve(self, weight: Tensor, st: Statistics | None, cfg: QuantConfig) -> QuantizedWeight:
         if st is None or st.hessian is None:
             return rtn(weight, cfg)
-        if st.residual is not None and self.recipe.fp_target > 0:
+        if st.residual is not None and self.recipe.fp_target:
             weight = fp_target(
                 weight,
                 st.hessian,

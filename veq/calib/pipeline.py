@@ -267,7 +267,7 @@ class Calibrator:
     @property
     def _fp_targets(self) -> bool:
         """`recipe.fp_target`, for a method whose solver has Hessians to apply it with."""
-        return self.recipe.fp_target > 0 and self.method.hessian
+        return bool(self.recipe.fp_target) and self.method.hessian
 
     # -- one layer -----------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import torch
 from veq.algorithms import (
     awq,
     awq_moe,
+    fp_target,
     gptq,
     ma_token_weights,
     mbq,
@@ -22,7 +23,7 @@ from veq.algorithms import (
 from veq.config import QuantConfig
 from veq.experts import ExpertWeights
 from veq.format import pack_weight, unpack_weight
-from veq.stats import HessianAccumulator
+from veq.stats import HessianAccumulator, ResidualAccumulator
 from veq.testing import two_populations
 from veq.tokens import TokenKind
 
@@ -339,3 +340,44 @@ def test_gptq_range_search_lowers_the_output_error_at_2_bits(act_order, layer):
     assert rel_err(w, searched.dequantize(), x) < 0.95 * rel_err(w, plain.dequantize(), x)
     back = unpack_weight(pack_weight(searched), cfg)  # still a plain static-group weight
     assert torch.equal(back.dequantize(), searched.dequantize())
+
+
+def _asymmetric(make_weight, make_inputs):
+    """A weight, the 16-bit model's inputs x and the quantized model's x̃ (x plus drift)."""
+    w = make_weight(N, K, seed=5)
+    x = make_inputs(1024, K, seed=6)
+    x_q = x + 0.2 * make_inputs(1024, K, seed=7)
+    r = ResidualAccumulator(K)
+    r.add(x, x_q)
+    return w, x, x_q, hessian(x_q), r.residual()
+
+
+def test_fp_target_is_the_least_squares_weight(make_weight, make_inputs):
+    """Full strength, no damping to speak of: the weight whose outputs on x̃ best match W x."""
+    w, x, x_q, h, r = _asymmetric(make_weight, make_inputs)
+    target = fp_target(w, h, r, damp=1e-8)
+    lstsq = torch.linalg.lstsq(x_q.double(), (x @ w.T).double()).solution.T
+    torch.testing.assert_close(target.double(), lstsq, rtol=1e-4, atol=1e-5)
+    # Partial strength moves part of the way; no drift (the first layer) moves nowhere.
+    half = fp_target(w, h, r, strength=0.5, damp=1e-8)
+    torch.testing.assert_close(half, (w + target) / 2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fp_target(w, h, torch.zeros_like(r)), w.float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="residual"):
+        fp_target(w, h, r[:-1])
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_gptq_on_the_fp_target_lowers_the_error_against_the_16bit_outputs(
+    bits, make_weight, make_inputs
+):
+    """GPTQ on `fp_target` leaves less error in `Q x̃ − W x` (what the next layer sees) than
+    GPTQ on W itself, which only minimises `(Q − W) x̃`."""
+    w, x, x_q, h, r = _asymmetric(make_weight, make_inputs)
+    cfg = QuantConfig(bits=bits)
+
+    def err(q):
+        return float((x_q @ q.dequantize().T - x @ w.T).pow(2).sum())
+
+    plain = gptq(w, h, cfg, act_order=True)
+    aimed = gptq(fp_target(w, h, r), h, cfg, act_order=True)
+    assert err(aimed) < 0.9 * err(plain)

@@ -393,3 +393,38 @@ def test_check_scales_folds_only_scales_that_lower_the_solvers_error(tiny_model,
         assert c["kept"] == (c["scaled"] < c["plain"]) and c["plain"] > 0
     assert "scale check:" in result.report.summary()
     assert not calibrate(tiny_model("qwen3_vl_moe"), samples, "veq", 3).report.scale_checks
+
+
+@pytest.mark.parametrize("layout", ["qwen3_vl_moe", "kimi_vl"])
+def test_fp_target_aims_each_layer_at_the_16bit_model(layout, tiny_model, calib):
+    """With fp targets every linear is solved towards the 16-bit model's outputs from the
+    quantized model's inputs. The first layer's inputs agree in both models, so its codes are
+    plain GPTQ's; deeper layers' change, and halfway there the quantized model ends closer to
+    the 16-bit one on the samples it was calibrated on (what the objective minimises; the full
+    least-squares target fits six samples' noise and is not always closer)."""
+    samples = calib(layout, n=6)
+    ref = logits(tiny_model(layout), samples)
+    weights, kl = {}, {}
+    for strength in (0.0, 0.5):
+        model = tiny_model(layout)
+        weights[strength] = calibrate(model, samples, "gptq", 2, fp_target=strength).weights
+        kl[strength] = answer_kl(ref, logits(model, samples), samples)
+    plain, aimed = weights[0.0], weights[0.5]
+    first = [k for k in plain if ".layers.0." in k]
+    deeper = [k for k in plain if ".layers.0." not in k]
+    assert first and all(torch.equal(plain[k].codes, aimed[k].codes) for k in first)
+    changed = sum(not torch.equal(plain[k].codes, aimed[k].codes) for k in deeper)
+    assert changed > len(deeper) // 2, f"{changed} of {len(deeper)} changed"
+    assert kl[0.5] < kl[0.0], kl
+
+
+def test_fp_target_defaults_per_method_and_needs_hessians(tiny_model, calib):
+    """`veq` aims halfway by default, the published methods not at all; a method without
+    Hessians (AWQ) has nothing to aim with and quantizes exactly as without."""
+    assert Recipe(method="veq").fp_target == 0.5
+    assert Recipe(method="gptq").fp_target == Recipe(method="veq-ma").fp_target == 0.0
+    assert Recipe(method="veq", fp_target=None) == Recipe(method="veq", fp_target=0.5)
+    samples = calib("qwen3_vl_moe", n=3)
+    a = calibrate(tiny_model("qwen3_vl_moe"), samples, "awq", 3, fp_target=0.0).weights
+    b = calibrate(tiny_model("qwen3_vl_moe"), samples, "awq", 3, fp_target=1.0).weights
+    assert all(torch.equal(a[k].codes, b[k].codes) for k in a)
