@@ -144,6 +144,7 @@ def _quantize(args: argparse.Namespace) -> int:
             weighted_search=args.weighted_search,
             check_scales=args.check_scales,
             fp_target=args.fp_target,
+            true_sequential=args.true_sequential,
             symmetric=args.symmetric,
             out=args.out,
             cache_dir=args.cache_dir,
@@ -600,6 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPTQ family: aim each linear at the 16-bit model's outputs from the quantized "
         "model's inputs (GPTAQ), this far towards the least-squares weight, 0..1 (default 0.5 "
         "for veq, 0 for gptq and veq-ma)",
+    )
+    p.add_argument(
+        "--true-sequential",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="quantize each layer's attention first and collect the MLP's or experts' "
+        "statistics after it (one more pass per layer; default off)",
     )
     p.add_argument(
         "--saliency",

@@ -129,6 +129,12 @@ class Recipe(BaseModel):
         "the 16-bit model runs beside the quantized one during calibration. Default per "
         "method (DEFAULT_FP_TARGET: 0.5 for veq, 0 for the rest).",
     )
+    true_sequential: bool = Field(
+        False,
+        description="Within each decoder layer, quantize attention first and collect the "
+        "statistics of what reads its output (MLP, experts) after, so that they see the "
+        "quantized attention's error (GPTQModel's true_sequential); one more pass per layer.",
+    )
     damp: float = Field(0.01, gt=0, description="GPTQ relative damping.")
     min_expert_tokens: int = Field(
         16, ge=1, description="Experts routed fewer calibration tokens use the all-token fallback."

@@ -94,7 +94,9 @@ def test_quantize_passes_lam_and_the_models_own_calibration_source(monkeypatch, 
     assert main(["quantize", "--check-scales", "--quiet"]) == 0
     assert seen["check_scales"] is True and seen["fp_target"] is None  # the method's default
     assert main(["quantize", "--fp-target", "0.25", "--quiet"]) == 0
-    assert seen["fp_target"] == 0.25
+    assert seen["fp_target"] == 0.25 and seen["true_sequential"] is False
+    assert main(["quantize", "--true-sequential", "--quiet"]) == 0
+    assert seen["true_sequential"] is True
 
 
 def test_models_lists_bundled(capsys):

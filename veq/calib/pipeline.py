@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,10 @@ from veq.stats import ActivationStats, HessianAccumulator, ResidualAccumulator
 from veq.tokens import TokenKind
 
 log = logging.getLogger(__name__)
+
+
+#: `Calibrator._fp_pass`'s key for the MoE block's inputs.
+_MOE = "<moe block>"
 
 
 def _subsample(n: int, cap: int, device: torch.device | str) -> Tensor:
@@ -272,25 +277,125 @@ class Calibrator:
     # -- one layer -----------------------------------------------------------------------
 
     def _quantize_layer(self, i: int, layer: nn.Module, prefix: str, cap: _Capture) -> None:
-        method = self.method
         groups = layer_linears(layer, self.arch)
         moe = MoEView(layer, self.arch.moe) if is_moe_layer(layer, self.arch) else None
+        fp = self._fp_pass(i, layer, cap, groups, moe) if cap.fp_hidden is not None else None
+        kinds = torch.cat([s.kinds for s in self.samples]).to(self.device)
+        saliency = (
+            torch.cat([s[i] for s in self.saliency]).to(self.device)
+            if self.saliency is not None
+            else None
+        )
+        for stage, stage_moe in self._stages(groups, moe):
+            stats, moe_x = self._collect(i, layer, cap, stage, stage_moe, fp)
+            moe_plan = (
+                self._plan_moe(
+                    i,
+                    stage_moe,
+                    moe_x,
+                    torch.cat(fp[_MOE]) if fp is not None else None,
+                    kinds,
+                    saliency,
+                )
+                if stage_moe is not None and moe_x is not None
+                else None
+            )
+
+            # Phase A: AWQ-family scales, folded into full-precision weights (function unchanged).
+            scales: dict[str, Tensor] = {}
+            if self.method.search:
+                for g in stage:
+                    s = self._search_group(i, layer, g, stats.get(g.linears[0]))
+                    if s is not None:
+                        scales[g.linears[0]] = s
+                if moe_plan is not None:
+                    self._search_moe(moe_plan)
+
+            # Phase B: quantize every linear, write the dequantized weights back.
+            with torch.no_grad():
+                for g in stage:
+                    st = stats.get(g.linears[0])
+                    for path in g.linears:
+                        self._quantize_linear(layer, prefix, path, st, scales.get(g.linears[0]))
+                if moe_plan is not None:
+                    self._quantize_moe(moe_plan, prefix)
+
+    def _stages(
+        self, groups: list[LinearGroup], moe: MoEView | None
+    ) -> list[tuple[list[LinearGroup], MoEView | None]]:
+        """The layer's groups (and MoE block) in the order they are quantized; each stage's
+        statistics are collected after the stages before it were. `recipe.true_sequential`:
+        attention first, then what reads its output (MLP, experts, shared expert), so that
+        those see the quantized attention's error; otherwise one stage."""
+        if not self.recipe.true_sequential:
+            return [(groups, moe)]
+        attention = {p for g in self.arch.attention for p in g.linears}
+        first = [g for g in groups if g.linears[0] in attention]
+        return [(first, None), ([g for g in groups if g not in first], moe)]
+
+    @torch.no_grad()
+    def _fp_pass(
+        self,
+        i: int,
+        layer: nn.Module,
+        cap: _Capture,
+        groups: list[LinearGroup],
+        moe: MoEView | None,
+    ) -> dict[str, list[Tensor]]:
+        """Every sample through the still 16-bit layer from the 16-bit model's hidden states:
+        per group (key: its first linear; the MoE block: `_MOE`) the inputs of each sample
+        `[S, K]`, on the host (the device holds one layer, not a layer's every input), for the
+        residuals against the quantized model's; its outputs become
+        `cap.fp_hidden` (the scales folded later leave them unchanged: folding is exact)."""
+        store: dict[str, list[Tensor]] = {}
+
+        def keep(key: str) -> Callable[[nn.Module, tuple], None]:
+            def hook(module: nn.Module, args: tuple) -> None:
+                x = args[0].reshape(-1, args[0].shape[-1])
+                store.setdefault(key, []).append(x.detach().cpu())
+
+            return hook
+
+        handles = [
+            get_module(layer, g.linears[0]).register_forward_pre_hook(keep(g.linears[0]))
+            for g in groups
+        ]
+        if moe is not None:
+            handles.append(moe.block.register_forward_pre_hook(keep(_MOE)))
+        try:
+            nxt = [
+                self._next_hidden(i, self._run_layer(layer, cap, s, fp=True), cap, s)
+                for s in range(len(self.samples))
+            ]
+        finally:
+            for h in handles:
+                h.remove()
+        cap.fp_hidden = nxt
+        return store
+
+    @torch.no_grad()
+    def _collect(
+        self,
+        i: int,
+        layer: nn.Module,
+        cap: _Capture,
+        groups: list[LinearGroup],
+        moe: MoEView | None,
+        fp: dict[str, list[Tensor]] | None,
+    ) -> tuple[dict[str, _GroupStats], Tensor | None]:
+        """One pass of the quantized model's hidden states through the layer as it now is:
+        the statistics of each of `groups`' inputs (keyed by its first linear), paired with the
+        16-bit model's inputs `fp` when given, and the MoE block's inputs `[T, H]` (None without
+        `moe`)."""
+        method = self.method
         per_sample = max(1, self.recipe.max_search_tokens // len(self.samples))
         stats: dict[str, _GroupStats] = {}
         moe_inputs: list[Tensor] = []
-        moe_fp_inputs: list[Tensor] = []
-        current: dict[str, Tensor] = {}
-        # With fp targets each sample runs twice: first the 16-bit model's hidden states, whose
-        # inputs to each group wait here for the quantized model's run at the same tokens.
-        fp_inputs: dict[str, Tensor] = {}
-        fp_pass = [False]
+        current: dict[str, Any] = {}
 
         def group_hook(key: str) -> Callable[[nn.Module, tuple], None]:
             def hook(module: nn.Module, args: tuple) -> None:
                 x = args[0].reshape(-1, args[0].shape[-1])
-                if fp_pass[0]:
-                    fp_inputs[key] = x.detach().clone()
-                    return
                 t = Tokens(current["kinds"], saliency=current.get("saliency"))
                 st = stats.setdefault(key, self._new_stats(x.shape[1]))
                 st.add(
@@ -298,7 +403,7 @@ class Calibrator:
                     method.hessian_weights(t, i),
                     method.search_weights(t, i),
                     per_sample,
-                    fp_inputs.pop(key, None),
+                    fp[key][current["sample"]] if fp is not None else None,
                 )
 
             return hook
@@ -306,73 +411,25 @@ class Calibrator:
         handles = []
         if method.needs_stats:
             for g in groups:
-                handles.append(
-                    get_module(layer, g.linears[0]).register_forward_pre_hook(
-                        group_hook(g.linears[0])
-                    )
-                )
+                module = get_module(layer, g.linears[0])
+                handles.append(module.register_forward_pre_hook(group_hook(g.linears[0])))
         if moe is not None:
 
             def moe_hook(module: nn.Module, args: tuple) -> None:
-                x = args[0].reshape(-1, args[0].shape[-1]).detach()
-                (moe_fp_inputs if fp_pass[0] else moe_inputs).append(x)
+                moe_inputs.append(args[0].reshape(-1, args[0].shape[-1]).detach())
 
             handles.append(moe.block.register_forward_pre_hook(moe_hook))
-        fp_next: list[Tensor] = []
         try:
             for s, sample in enumerate(self.samples):
+                current["sample"] = s
                 current["kinds"] = sample.kinds.to(self.device)
                 if self.saliency is not None:
                     current["saliency"] = self.saliency[s][i].to(self.device)
-                if cap.fp_hidden is not None:
-                    fp_pass[0] = True
-                    out = self._run_layer(layer, cap, s, fp=True)
-                    fp_next.append(self._next_hidden(i, out, cap, s))
-                    fp_pass[0] = False
                 self._run_layer(layer, cap, s)
         finally:
             for h in handles:
                 h.remove()
-        if cap.fp_hidden is not None:
-            cap.fp_hidden = fp_next  # the 16-bit layer's outputs: folding below is exact
-
-        kinds = torch.cat([s.kinds for s in self.samples]).to(self.device)
-        saliency = (
-            torch.cat([s[i] for s in self.saliency]).to(self.device)
-            if self.saliency is not None
-            else None
-        )
-        moe_plan = (
-            self._plan_moe(
-                i,
-                moe,
-                torch.cat(moe_inputs),
-                torch.cat(moe_fp_inputs) if moe_fp_inputs else None,
-                kinds,
-                saliency,
-            )
-            if moe is not None
-            else None
-        )
-
-        # Phase A: AWQ-family scales, folded into full-precision weights (function unchanged).
-        scales: dict[str, Tensor] = {}
-        if method.search:
-            for g in groups:
-                s = self._search_group(i, layer, g, stats.get(g.linears[0]))
-                if s is not None:
-                    scales[g.linears[0]] = s
-            if moe_plan is not None:
-                self._search_moe(moe_plan)
-
-        # Phase B: quantize every linear, write the dequantized weights back.
-        with torch.no_grad():
-            for g in groups:
-                st = stats.get(g.linears[0])
-                for path in g.linears:
-                    self._quantize_linear(layer, prefix, path, st, scales.get(g.linears[0]))
-            if moe_plan is not None:
-                self._quantize_moe(moe_plan, prefix)
+        return stats, torch.cat(moe_inputs) if moe is not None else None
 
     def _round_layer(self, i: int, layer: nn.Module, prefix: str) -> None:
         """Data-free RTN: every linear and every expert rounded alone, no forward pass (at 30 B

@@ -428,3 +428,21 @@ def test_fp_target_defaults_per_method_and_needs_hessians(tiny_model, calib):
     a = calibrate(tiny_model("qwen3_vl_moe"), samples, "awq", 3, fp_target=0.0).weights
     b = calibrate(tiny_model("qwen3_vl_moe"), samples, "awq", 3, fp_target=1.0).weights
     assert all(torch.equal(a[k].codes, b[k].codes) for k in a)
+
+
+def test_true_sequential_collects_the_experts_statistics_after_attention_is_quantized(
+    tiny_model, calib
+):
+    """Attention is quantized from the same statistics either way, so its codes do not move in
+    the first layer; the experts' inputs then carry the quantized attention's error, so theirs
+    do."""
+    samples = calib("qwen3_vl_moe", n=4)
+    one = calibrate(tiny_model("qwen3_vl_moe"), samples, "gptq", 3).weights
+    seq = calibrate(tiny_model("qwen3_vl_moe"), samples, "gptq", 3, true_sequential=True).weights
+    assert one.keys() == seq.keys()
+    first = [k for k in one if ".layers.0." in k]
+    attention = [k for k in first if ".self_attn." in k]
+    experts = [k for k in first if EXPERT.search(k)]
+    assert attention and all(torch.equal(one[k].codes, seq[k].codes) for k in attention)
+    changed = sum(not torch.equal(one[k].codes, seq[k].codes) for k in experts)
+    assert changed > len(experts) // 2, f"{changed} of {len(experts)} changed"
