@@ -6,8 +6,12 @@ it was). Per layer: pass 1 runs the original layer over every calibration sample
 block's inputs for routing); then AWQ-family scales are searched and folded into the previous
 operation (the function is unchanged in full precision); then every linear is quantized and its
 dequantized weights written back; pass 2 runs the *quantized* layer to produce the next layer's
-inputs. It knows no method by name: what differs between methods (token weights, expert
-importance, solver) is the strategy of `veq.calib.methods`. It does not save anything
+inputs. With fp targets (`Recipe.fp_target`) a pass 0 first runs the 16-bit layer on the
+16-bit model's own hidden states, kept beside the quantized model's, so that each Hessian comes
+with its residual against the 16-bit model's inputs. With `Recipe.true_sequential` pass 1 and
+the two phases run once for attention and again for what reads its output. It knows no method
+by name: what differs between methods (token weights, expert importance, solver) is the
+strategy of `veq.calib.methods`. It does not save anything
 (`veq.checkpoint` does) and knows architectures only through `veq.models` tables.
 
 Shape legend: T tokens, S sequence, E experts, H hidden, I expert intermediate, K in-features.
