@@ -33,14 +33,18 @@ METHODS_HELP = """methods (--method):
            0.25 above, where the paper's γ over-weights text); λ = 2 (the router weight
            scales an expert's output error, which the squared error counts twice); its
            scale searches weigh tokens by the same c as its Hessians (--no-weighted-search:
-           every routed token once); and, optionally, Hessian tokens weighted by gradient
+           every routed token once); and its GPTQ aims halfway at the 16-bit model's
+           outputs from the quantized model's inputs (--fp-target 0.5, GPTAQ's asymmetric
+           calibration; 0 turns it off); optionally, Hessian tokens weighted by gradient
            saliency (--saliency) or γ per layer (--gamma-per-layer). Any GPTQ-family method
            can search each group's range under the Hessian instead of min-max
-           (--range-search)
+           (--range-search), aim at the 16-bit outputs (--fp-target), or quantize attention
+           before collecting the experts' statistics (--true-sequential)
 
 defaults: W4 g128, symmetric codes at 4 and 8 bits (asymmetric at 2 and 3), γ measured
 ('auto') with one backward pass per calibration sample, λ = 1 for veq-ma and 2 for veq,
-act-order on, GPTQ damping 1 %, 128 samples."""
+fp target 0.5 for veq and 0 for gptq and veq-ma, act-order on, GPTQ damping 1 %, 128
+samples."""
 CALIB_HELP = (
     "calibration source: builtin (photographs + text-only turns), shapes (the bundled model's "
     "task), a JSONL file, or hf:NAME[:SPLIT] (default: the model's own: shapes for mini, else "
