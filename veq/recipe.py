@@ -133,7 +133,8 @@ class Recipe(BaseModel):
         False,
         description="Within each decoder layer, quantize attention first and collect the "
         "statistics of what reads its output (MLP, experts) after, so that they see the "
-        "quantized attention's error (GPTQModel's true_sequential); one more pass per layer.",
+        "quantized attention's error (GPTQModel's true_sequential, which splits finer: q/k/v, "
+        "o, gate/up, down); one more pass per layer.",
     )
     damp: float = Field(0.01, gt=0, description="GPTQ relative damping.")
     min_expert_tokens: int = Field(

@@ -1,9 +1,9 @@
 """Streaming calibration statistics: weighted Hessians, their asymmetric residuals and
 per-channel activation magnitudes.
 
-Owns accumulation over batches (token-weighted, mergeable across batches and workers). It does
-not decide the token weights (the methods in `veq.algorithms` do) nor where inputs come from (the
-calibration pipeline's hooks do).
+Owns accumulation over batches (token-weighted; Hessians and activation statistics also
+mergeable across workers). It does not decide the token weights (the methods in
+`veq.algorithms` do) nor where inputs come from (the calibration pipeline's hooks do).
 
 Shape legend: T tokens in a batch, K in-features.
 """

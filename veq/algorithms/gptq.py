@@ -85,9 +85,10 @@ def fp_target(
     `min_Q Σ_j c_j ‖W x_j − Q x̃_j‖²` is `min_Q ‖(Q − W*) x̃‖²` with the least-squares target
     `W* = W + W D H⁻¹` (`H = 2Σ c x̃ x̃ᵀ/Σc`, `D = 2Σ c (x − x̃) x̃ᵀ/Σc`), so GPTQ on `W*` with `H`
     solves it. `strength` ∈ [0, 1] moves only that far towards `W*`: `D` and `H⁻¹` come from a
-    few hundred tokens and the full correction can fit their noise. `H` is damped as GPTQ
-    damps it (λ = damp · mean diag, raised if singular). When the two models' inputs agree
-    (`D = 0`, the first layer) this is `W` exactly.
+    few hundred tokens and the full correction can fit their noise. `H` is damped by λ =
+    damp · mean diag H (raised if singular; `gptq` takes the mean after setting dead channels'
+    zero diagonals to 1, which this does not need: their residual columns are zero too). When
+    the two models' inputs agree (`D = 0`, the first layer) this is `W` exactly.
 
     Args:
         weight: [N, K]; hessian, residual: [K, K] (`HessianAccumulator`, `ResidualAccumulator`).

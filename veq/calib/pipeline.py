@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from veq.algorithms import awq_scales, expert_importance, hessian_error, shared_scale_search
+from veq.algorithms import (
+    awq_scales,
+    expert_importance,
+    fp_target,
+    hessian_error,
+    shared_scale_search,
+)
 from veq.calib.data import CalibSample
 from veq.calib.methods import Statistics, Tokens, method_for
 from veq.calib.report import QuantReport, QuantResult
@@ -69,7 +75,8 @@ def _subsample(n: int, cap: int, device: torch.device | str) -> Tensor:
 
 
 class _Capture:
-    """Layer-0 inputs of every sample, and the text model's kwargs for `post_layer`."""
+    """Every sample's inputs to the current decoder layer (layer 0's at first), and the text
+    model's kwargs for `post_layer`."""
 
     def __init__(self, inputs: list[LayerInputs]) -> None:
         self.hidden = [c.hidden for c in inputs]
@@ -256,7 +263,9 @@ class Calibrator:
     def _run_layer(self, layer: nn.Module, cap: _Capture, s: int, fp: bool = False) -> Tensor:
         """Layer output `[1, S, H]` of sample s from the quantized model's hidden states (or,
         with `fp`, the 16-bit model's)."""
-        hidden = cap.fp_hidden[s] if fp and cap.fp_hidden is not None else cap.hidden[s]
+        if fp and cap.fp_hidden is None:
+            raise RuntimeError("the 16-bit model's hidden states are kept only with fp targets")
+        hidden = cap.fp_hidden[s] if fp else cap.hidden[s]
         out = layer(hidden.to(self.device), **_to(cap.kwargs[s], self.device))
         return out[0] if isinstance(out, tuple) else out
 
@@ -546,7 +555,9 @@ class Calibrator:
         `[N, K]` before the fold, with its inputs' statistics before the fold) lowers the total
         output error the method's own solver leaves on the full Hessians; always true unless
         `_checks_scales`. The search picks `s` by round-to-nearest's error on a token sample;
-        the solver that follows (GPTQ) may do better without it, which is then what this says."""
+        the solver that follows (GPTQ) may do better without it, which is then what this says.
+        With fp targets the error is against the 16-bit model's outputs, `‖W x − Q x̃‖²`: up to
+        a constant the same either way, the distance from the full least-squares target."""
         if not self._checks_scales:
             return True
         plain = scaled = 0.0
@@ -556,13 +567,27 @@ class Calibrator:
             # Unnormalised (Σ c_j x_j x_jᵀ): weights with more token mass count more.
             h = 2.0 * st.hessian.sum.float()
             w = weight.float()
-            plain += hessian_error(w, self._solve(weight, st, None, cfg).dequantize(), h)
+            q = self._solve(weight, st, None, cfg).dequantize()
+            plain += hessian_error(self._aim(w, st, None), q, h)
             ws = (w * s.to(w)).to(weight.dtype)
             hs = h / torch.outer(s, s).to(h)
-            scaled += hessian_error(ws, self._solve(ws, st, s, cfg).dequantize(), hs)
+            qs = self._solve(ws, st, s, cfg).dequantize()
+            scaled += hessian_error(self._aim(ws.float(), st, s), qs, hs)
         pays = scaled < plain
         self.report.scale_checks[what] = {"plain": plain, "scaled": scaled, "kept": pays}
         return pays
+
+    def _aim(self, w: Tensor, st: _GroupStats, s: Tensor | None) -> Tensor:
+        """The weight `w: [N, K]` (inputs seen through the folded scale `s`) would have to be
+        to give the 16-bit model's outputs from the quantized model's inputs: the full
+        least-squares fp target; `w` itself without fp targets."""
+        if st.residual is None or st.hessian is None:
+            return w
+        h, r = st.hessian.hessian(), st.residual.residual()
+        if s is not None:
+            ss = torch.outer(s, s)
+            h, r = h / ss.to(h), r / ss.to(r)
+        return fp_target(w, h, r, damp=self.recipe.damp)
 
     def _record(self, name: str, qw: QuantizedWeight) -> None:
         # Results live on the host: the device holds one layer at a time, never the model.

@@ -446,3 +446,24 @@ def test_true_sequential_collects_the_experts_statistics_after_attention_is_quan
     assert attention and all(torch.equal(one[k].codes, seq[k].codes) for k in attention)
     changed = sum(not torch.equal(one[k].codes, seq[k].codes) for k in experts)
     assert changed > len(experts) // 2, f"{changed} of {len(experts)} changed"
+
+
+def test_check_scales_with_fp_targets_judges_against_the_16bit_outputs(tiny_model, calib):
+    """With fp targets the scale check measures each solve against the full least-squares
+    target (the 16-bit model's outputs), not against the weight itself: the recorded errors
+    differ from those of the same check without fp targets from the second layer on, and
+    agree on the first, where the two models' inputs are the same."""
+    samples = calib("qwen3_vl_moe", n=4)
+
+    def checks(strength):
+        model = tiny_model("qwen3_vl_moe")
+        result = calibrate(model, samples, "veq", 3, check_scales=True, fp_target=strength)
+        return result.report.scale_checks
+
+    plain, aimed = checks(0.0), checks(0.5)
+    assert plain.keys() == aimed.keys()
+    first = [k for k in plain if k.startswith("layer 0 ")]
+    deeper = [k for k in plain if not k.startswith("layer 0 ")]
+    for k in first:
+        assert aimed[k]["plain"] == pytest.approx(plain[k]["plain"], rel=1e-6), k
+    assert any(aimed[k]["plain"] != pytest.approx(plain[k]["plain"], rel=1e-3) for k in deeper)
