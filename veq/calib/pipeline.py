@@ -529,14 +529,10 @@ class Calibrator:
         """The method's solver on `st`, seen through the folded scales `s: [K]` (if any)."""
         if st is None:
             return self.method.solve(weight, None, cfg)
-        h = st.hessian.hessian() if st.hessian is not None else None
-        r = st.residual.residual() if st.residual is not None else None
+        h, r = _second_moments(st, s)
         x, c = st.sample()
-        if s is not None:
-            ss = torch.outer(s, s)
-            h = h / ss.to(h) if h is not None else None
-            r = r / ss.to(r) if r is not None else None
-            x = x / s if x is not None else None
+        if s is not None and x is not None:
+            x = x / s
         return self.method.solve(weight, Statistics(h, x, c, r), cfg)
 
     @property
@@ -581,12 +577,9 @@ class Calibrator:
         """The weight `w: [N, K]` (inputs seen through the folded scale `s`) would have to be
         to give the 16-bit model's outputs from the quantized model's inputs: the full
         least-squares fp target; `w` itself without fp targets."""
-        if st.residual is None or st.hessian is None:
+        h, r = _second_moments(st, s)
+        if h is None or r is None:
             return w
-        h, r = st.hessian.hessian(), st.residual.residual()
-        if s is not None:
-            ss = torch.outer(s, s)
-            h, r = h / ss.to(h), r / ss.to(r)
         return fp_target(w, h, r, damp=self.recipe.damp)
 
     def _record(self, name: str, qw: QuantizedWeight) -> None:
@@ -819,6 +812,18 @@ class Calibrator:
             x_fp.float() if x_fp is not None else None,
         )
         return st
+
+
+def _second_moments(st: _GroupStats, s: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """The Hessian and fp-target residual `[K, K]` of `st` (None where not kept), seen through
+    the folded scale `s: [K]` (inputs divided by s: both scale by 1 / (s sᵀ))."""
+    h = st.hessian.hessian() if st.hessian is not None else None
+    r = st.residual.residual() if st.residual is not None else None
+    if s is not None:
+        ss = torch.outer(s, s)
+        h = h / ss.to(h) if h is not None else None
+        r = r / ss.to(r) if r is not None else None
+    return h, r
 
 
 def _expert_hidden(ew: ExpertWeights, x: Tensor) -> Tensor:
