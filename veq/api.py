@@ -280,6 +280,7 @@ def quantize(
     from veq.calib.gamma import measure_saliency, resolve_gamma
     from veq.calib.methods import METHOD_CLASSES
     from veq.calib.pipeline import Calibrator
+    from veq.calib.tune import TuneUnavailable, teacher_targets, tune_scales
 
     if source is None:
         source = load_model(path, dev)
@@ -312,7 +313,34 @@ def quantize(
     )
     calibrator.report.gamma_detail = detail
     calibrator.report.calib = "" if recipe.data_free else calib
+    targets, skipped = None, ""
+    if recipe.tune_epochs:
+        # The 16-bit model's answers, before the layer loop overwrites its weights.
+        try:
+            targets = _memo(
+                ("teacher", model_fp, calib_fp, dev.type),
+                lambda: teacher_targets(source, calib_samples, device=dev),
+            )
+        except TuneUnavailable as exc:
+            skipped = str(exc)
     result = calibrator.run()
+    if targets is not None:
+        try:
+            result = tune_scales(
+                source,
+                result,
+                calib_samples,
+                targets,
+                epochs=recipe.tune_epochs,
+                lr=recipe.tune_lr,
+                device=dev,
+                progress=progress,
+            )
+        except TuneUnavailable as exc:
+            skipped = str(exc)
+    if skipped:
+        log.warning("scale tuning skipped: %s", skipped)
+        result.report.tuning = {"skipped": skipped}
     log.info(
         "calibrated %d layers (%s) in %.1f s",
         result.report.layers,

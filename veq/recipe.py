@@ -34,6 +34,8 @@ DEFAULT_TAU: dict[int, float] = {2: 0.5, 3: 0.25, 4: 0.25, 8: 0.25}
 #: `veq`'s fp-target strength (GPTAQ's asymmetric calibration, halfway to the least-squares
 #: target); `gptq` and `veq-ma` stay the published methods (0). BENCHMARKS "Quality levers".
 DEFAULT_FP_TARGET: dict[str, float] = {"veq": 0.5}
+#: Scale-tuning epochs per method (`Recipe.tune_epochs`): off unless named here.
+DEFAULT_TUNE_EPOCHS: dict[str, int] = {}
 
 Method = Literal["rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq"]
 METHODS: tuple[str, ...] = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq")
@@ -136,6 +138,17 @@ class Recipe(BaseModel):
         "quantized attention's error (GPTQModel's true_sequential, which splits finer: q/k/v, "
         "o, gate/up, down); one more pass per layer.",
     )
+    tune_epochs: int | None = Field(
+        None,
+        ge=0,
+        description="End-to-end scale tuning after the layer loop: passes over the calibration "
+        "set training every scale (codes and zero points fixed) towards the 16-bit model's "
+        "next-token distributions (EfficientQAT's E2E-QP); 0: off. Default per method "
+        "(DEFAULT_TUNE_EPOCHS).",
+    )
+    tune_lr: float = Field(
+        1e-3, gt=0, le=1, description="Adam learning rate of scale tuning, relative to each scale."
+    )
     damp: float = Field(0.01, gt=0, description="GPTQ relative damping.")
     min_expert_tokens: int = Field(
         16, ge=1, description="Experts routed fewer calibration tokens use the all-token fallback."
@@ -163,6 +176,8 @@ class Recipe(BaseModel):
         method = data.get("method", "veq")
         if data.get("lam") is None:
             data = {**data, "lam": DEFAULT_LAM.get(method, 1.0)}
+        if data.get("tune_epochs") is None:
+            data = {**data, "tune_epochs": DEFAULT_TUNE_EPOCHS.get(method, 0)}
         if data.get("fp_target") is None:
             data = {**data, "fp_target": DEFAULT_FP_TARGET.get(method, 0.0)}
         if data.get("tau") is None:
@@ -209,8 +224,9 @@ class Recipe(BaseModel):
     @property
     def data_free(self) -> bool:
         """RTN at one width rounds each weight alone: no calibration data, no γ (mixed
-        precision still needs the routing statistics that rank experts)."""
-        return self.method == "rtn" and self.mixed_precision is None
+        precision still needs the routing statistics that rank experts, scale tuning the
+        samples it trains on)."""
+        return self.method == "rtn" and self.mixed_precision is None and not self.tune_epochs
 
     @property
     def label(self) -> str:

@@ -17,6 +17,7 @@ import torch
 import veq
 from veq import api
 from veq.calib import gamma as gamma_mod
+from veq.calib import placement
 from veq.checkpoint import MANIFEST, atomic_directory, verify
 
 
@@ -90,7 +91,7 @@ def test_gamma_auto_is_measured_or_falls_back_with_its_reason(
     # The same run where the backward pass does not fit: calibrated with the default γ, and the
     # report says why.
     monkeypatch.setattr(api, "_MEMO", OrderedDict())
-    monkeypatch.setattr(gamma_mod, "_free_bytes", lambda device: 0)
+    monkeypatch.setattr(placement, "free_bytes", lambda device: 0)
     fallback = veq.quantize(qwen_dir, out=tmp_path / "fallback", **kw).report
     assert fallback["gamma"] == 20.0 and fallback["gamma_detail"] == {}
     assert fallback["gamma_source"].startswith(

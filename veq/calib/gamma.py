@@ -5,23 +5,21 @@ every decoder layer, with L the SFT loss on answer tokens of the calibration set
 of the per-layer ratios. Reported both with "text" = every non-vision token (the value used) and
 with answer tokens only. The same backward pass gives MBQ's per-layer vision weight
 r_l = mean |g_vision| / mean |g_answer|, and, at every layer's output, the per-token saliency
-`veq`'s gradient-weighted Hessians use (`measure_saliency`). Owns the measurement and where it
-runs (whether the model fits on the calibration device for it, moving it there and back); the
-pipeline uses the numbers.
+`veq`'s gradient-weighted Hessians use (`measure_saliency`). Owns the measurements; where
+they run is `veq.calib.placement`'s; the pipeline uses the numbers.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import psutil
 import torch
 from torch import Tensor, nn
 
 from veq.calib.data import CalibSample
+from veq.calib.placement import backward_room
 from veq.models import decoder_layers, get_architecture
 from veq.tokens import TokenKind
 
@@ -51,83 +49,6 @@ class GammaUnavailable(RuntimeError):
     vision or answer tokens."""
 
 
-#: Tensors kept for the backward pass per token and decoder layer, in hidden-size widths: 26 on
-#: the Qwen3-VL-30B-A3B shapes (attention, norms, 8 routed experts; counted with saved-tensor
-#: hooks), rounded up. The vision tower keeps none: nothing before the embeddings needs grad.
-_SAVED_WIDTHS = 32
-#: Bytes per token and vocabulary entry at the loss: the logits, their fp32 copy, the saved
-#: log-softmax and the gradients flowing back through them.
-_LOSS_BYTES = 16
-#: Raised by the device when the pass does not fit or the device fails; either means "no γ
-#: here", not a bug. (`torch.AcceleratorError`, CUDA runtime errors, is absent from older torch.)
-_DEVICE_ERRORS: tuple[type[Exception], ...] = tuple(
-    e for e in (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if e is not None
-)
-_GB = 1e9
-
-
-def _elsewhere(model: nn.Module, device: torch.device) -> list[tuple[nn.Module, str, Tensor]]:
-    """(module, name, tensor) for every parameter and buffer of `model` not on `device`."""
-    return [
-        (module, name, t)
-        for module in model.modules()
-        for name, t in (
-            *module.named_parameters(recurse=False),
-            *module.named_buffers(recurse=False),
-        )
-        if t.device != device
-    ]
-
-
-def _backward_bytes(model: nn.Module, samples: Sequence[CalibSample]) -> int:
-    """Activation memory of the largest sample's backward pass, estimated from the shapes."""
-    config = model.config.get_text_config()
-    layers = len(decoder_layers(model, get_architecture(model)))
-    width = next(p for p in model.parameters() if p.is_floating_point()).element_size()
-    tokens = max(s.inputs["input_ids"].shape[-1] for s in samples)
-    per_token = (
-        layers * config.hidden_size * _SAVED_WIDTHS * width + config.vocab_size * _LOSS_BYTES
-    )
-    return tokens * per_token
-
-
-def _need_bytes(model: nn.Module, samples: Sequence[CalibSample], device: torch.device) -> int:
-    """What the measurement adds on `device`: the parameters and buffers that are elsewhere (a
-    tensor tied into several modules counts once), plus the backward pass's activations."""
-    missing = {id(t): t for _, _, t in _elsewhere(model, device)}.values()
-    return sum(t.numel() * t.element_size() for t in missing) + _backward_bytes(model, samples)
-
-
-def _free_bytes(device: torch.device) -> int:
-    """Memory this process can still allocate on `device`."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        # Blocks PyTorch's allocator holds but does not use are free to this process too.
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return psutil.virtual_memory().available
-
-
-@contextmanager
-def _placed(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Inside the block every parameter and buffer of `model` is on `device`; on exit the
-    original tensors are put back, also when the block fails. Nothing is copied back (the
-    originals never left) and tied tensors stay tied: each is copied once."""
-    found = _elsewhere(model, device)
-    copies: dict[int, Tensor] = {}
-    try:
-        for module, name, t in found:
-            if id(t) not in copies:
-                copy = t.detach().to(device)
-                copies[id(t)] = (
-                    nn.Parameter(copy, t.requires_grad) if isinstance(t, nn.Parameter) else copy
-                )
-            setattr(module, name, copies[id(t)])
-        yield
-    finally:
-        for module, name, t in found:
-            setattr(module, name, t)
-
-
 def measure_gamma(
     model: nn.Module,
     samples: Sequence[CalibSample],
@@ -152,21 +73,8 @@ def measure_gamma(
     ]
     if not usable:
         raise GammaUnavailable("γ needs calibration samples with both vision and answer tokens")
-    need, free = _need_bytes(model, usable, device), _free_bytes(device)
-    if need > free:
-        raise GammaUnavailable(
-            f"the model does not fit for a backward pass on {device} "
-            f"(about {need / _GB:.1f} GB needed, {free / _GB:.1f} GB free)"
-        )
-    try:
-        with _placed(model, device):
-            return _measure(model, usable, device)
-    except _DEVICE_ERRORS as exc:
-        # The first line says what failed; CUDA errors go on with debugging advice.
-        what = str(exc).splitlines()[0]
-        raise GammaUnavailable(
-            f"{type(exc).__name__} on {device} during the backward pass: {what}"
-        ) from exc
+    with backward_room(model, usable, device, GammaUnavailable):
+        return _measure(model, usable, device)
 
 
 def _layer_grads(
@@ -277,29 +185,17 @@ def measure_saliency(
     layer it stands in. Samples without answer tokens get ones (they carry no loss). Raises
     GammaUnavailable where the pass does not fit, as `measure_gamma`."""
     device = torch.empty(0, device=device).device
-    need, free = _need_bytes(model, samples, device), _free_bytes(device)
-    if need > free:
-        raise GammaUnavailable(
-            f"the model does not fit for a backward pass on {device} "
-            f"(about {need / _GB:.1f} GB needed, {free / _GB:.1f} GB free)"
-        )
     n = len(decoder_layers(model, get_architecture(model)))
     out: list[Tensor | None] = []
-    try:
-        with _placed(model, device):
-            for sample, _, grads in _layer_grads(model, samples, device):
-                t = sample.kinds.shape[0]
-                rows = [
-                    g[0].float().pow(2).mean(-1).cpu() if g is not None else torch.zeros(t)
-                    for g in grads
-                ]
-                answered = bool((sample.kinds == TokenKind.ANSWER).any())
-                out.append(torch.stack(rows) if answered else None)
-    except _DEVICE_ERRORS as exc:
-        what = str(exc).splitlines()[0]
-        raise GammaUnavailable(
-            f"{type(exc).__name__} on {device} during the backward pass: {what}"
-        ) from exc
+    with backward_room(model, samples, device, GammaUnavailable):
+        for sample, _, grads in _layer_grads(model, samples, device):
+            t = sample.kinds.shape[0]
+            rows = [
+                g[0].float().pow(2).mean(-1).cpu() if g is not None else torch.zeros(t)
+                for g in grads
+            ]
+            answered = bool((sample.kinds == TokenKind.ANSWER).any())
+            out.append(torch.stack(rows) if answered else None)
     kept = [s for s in out if s is not None]
     if not kept:
         return [torch.ones(n, s.kinds.shape[0]) for s in samples]

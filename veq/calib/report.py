@@ -35,6 +35,10 @@ class QuantReport:
     scale_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     """`Recipe.check_scales`: per searched scale ("layer 0 experts gate/up"), the solver's
     output error without it (`plain`) and with it (`scaled`), and whether it was `kept`."""
+    tuning: dict[str, Any] = field(default_factory=dict)
+    """`Recipe.tune_epochs`: the calibration set's KL to the 16-bit model per position before
+    and after scale tuning (`veq.calib.tune`), whether the tuned scales were `kept`, and the
+    epochs, learning rate and seconds; empty when not tuned."""
 
     def summary(self) -> str:
         by_bits: dict[int, int] = {}
@@ -55,6 +59,15 @@ class QuantReport:
             lines.append(
                 f"scale check: {kept} of {len(self.scale_checks)} searched scales lowered the "
                 "solver's error and were kept"
+            )
+        if self.tuning.get("skipped"):
+            lines.append(f"scale tuning skipped: {self.tuning['skipped']}")
+        elif self.tuning:
+            t = self.tuning
+            lines.append(
+                f"scale tuning: calibration KL {t['kl_before']:.3g} -> {t['kl_after']:.3g} "
+                f"({t['epochs']} epochs, {t['seconds']:.1f} s)"
+                + ("" if t["kept"] else "; no better, untuned scales kept")
             )
         if self.fallback_experts:
             few = ", ".join(

@@ -161,6 +161,30 @@ def layer_linears(layer: nn.Module, arch: Architecture) -> list[LinearGroup]:
     return [g for g in groups if g.linears]
 
 
+def weight_views(model: nn.Module, arch: Architecture) -> dict[str, Tensor]:
+    """Every weight the pipeline may quantize, by the name it records it under (experts
+    unfused: `{layer}.mlp.experts.{e}.gate_proj`): a view into the model's own parameters
+    (`[N, K]`, writable in place; a fused expert's is a slice of the fused tensor)."""
+    views: dict[str, Tensor] = {}
+    for i, layer in enumerate(decoder_layers(model, arch)):
+        prefix = f"{arch.text_model}.layers.{i}"
+        for g in layer_linears(layer, arch):
+            for path in g.linears:
+                views[f"{prefix}.{path}"] = get_module(layer, path).weight
+        if not is_moe_layer(layer, arch):
+            continue
+        moe = MoEView(layer, arch.moe)
+        for e in range(moe.num_experts):
+            ew = moe.expert(e)
+            for name, w in zip(moe.expert_names(prefix, e), (ew.gate, ew.up, ew.down), strict=True):
+                views[name] = w
+        if moe.shared is not None:
+            base = f"{prefix}.{arch.moe.block}.{arch.moe.shared}"
+            for name in ("gate_proj", "up_proj"):
+                views[f"{base}.{name}"] = getattr(moe.shared, name).weight
+    return views
+
+
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
@@ -178,4 +202,5 @@ __all__ = [
     "layer_linears",
     "set_module",
     "source_dtype",
+    "weight_views",
 ]

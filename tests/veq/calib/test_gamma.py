@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from veq.calib import gamma as gamma_mod
+from veq.calib import placement
 from veq.calib.gamma import GammaUnavailable, measure_gamma, resolve_gamma
 from veq.tokens import TokenKind
 
@@ -56,22 +57,22 @@ def test_need_counts_only_what_the_device_lacks(tiny_model, samples):
     here = tiny_model("qwen3_vl_moe")
     elsewhere = tiny_model("qwen3_vl_moe").to("meta")
     model_bytes = sum(t.numel() * t.element_size() for t in _tensors(here))
-    activations = gamma_mod._backward_bytes(here, samples)
+    activations = placement.backward_bytes(here, samples)
     assert activations > 0
-    assert gamma_mod._need_bytes(here, samples, CPU) == activations
-    assert gamma_mod._need_bytes(elsewhere, samples, CPU) == activations + model_bytes
+    assert placement.need_bytes(here, samples, CPU) == activations
+    assert placement.need_bytes(elsewhere, samples, CPU) == activations + model_bytes
     # The longest sample sets the activation estimate.
     shortest = min(samples, key=lambda s: s.inputs["input_ids"].shape[-1])
-    assert gamma_mod._backward_bytes(here, [shortest]) < activations
+    assert placement.backward_bytes(here, [shortest]) < activations
 
 
 def test_gamma_is_measured_when_the_pass_just_fits(tiny_model, samples, monkeypatch):
     model = tiny_model("qwen3_vl_moe")
     direct = measure_gamma(model, samples)
-    need = gamma_mod._need_bytes(model, samples, CPU)
-    monkeypatch.setattr(gamma_mod, "_free_bytes", lambda device: need)
+    need = placement.need_bytes(model, samples, CPU)
+    monkeypatch.setattr(placement, "free_bytes", lambda device: need)
     assert measure_gamma(model, samples).as_dict() == direct.as_dict()
-    monkeypatch.setattr(gamma_mod, "_free_bytes", lambda device: need - 1)
+    monkeypatch.setattr(placement, "free_bytes", lambda device: need - 1)
     with pytest.raises(GammaUnavailable, match="does not fit for a backward pass on cpu"):
         measure_gamma(model, samples)
 
@@ -79,8 +80,8 @@ def test_gamma_is_measured_when_the_pass_just_fits(tiny_model, samples, monkeypa
 def test_model_that_does_not_fit_falls_back_and_stays_put(tiny_model, samples, monkeypatch, caplog):
     # On "meta" the model has no values: any attempt to move it to the CPU would raise.
     model = tiny_model("qwen3_vl_moe").to("meta")
-    need = gamma_mod._need_bytes(model, samples, CPU)
-    monkeypatch.setattr(gamma_mod, "_free_bytes", lambda device: need - 1)
+    need = placement.need_bytes(model, samples, CPU)
+    monkeypatch.setattr(placement, "free_bytes", lambda device: need - 1)
     g, source, ratios, detail = resolve_gamma(model, samples, "auto", 17.0, "cpu")
     assert (g, ratios, detail) == (17.0, None, {})
     assert source.startswith("fallback (the model does not fit for a backward pass on cpu")
@@ -92,12 +93,12 @@ def test_model_that_does_not_fit_falls_back_and_stays_put(tiny_model, samples, m
 def test_placed_moves_the_model_and_puts_the_same_tensors_back(tiny_model):
     model = tiny_model("qwen3_vl_moe")
     before = _tensors(model)
-    with gamma_mod._placed(model, torch.device("meta")):
+    with placement.placed(model, torch.device("meta")):
         assert {t.device.type for t in _tensors(model)} == {"meta"}
         assert all(p.requires_grad for p in model.parameters())
     after = _tensors(model)
     assert len(after) == len(before) and all(a is b for a, b in zip(after, before, strict=True))
-    with pytest.raises(ValueError), gamma_mod._placed(model, torch.device("meta")):
+    with pytest.raises(ValueError), placement.placed(model, torch.device("meta")):
         raise ValueError
     assert all(a is b for a, b in zip(_tensors(model), before, strict=True))
 
@@ -107,7 +108,7 @@ def test_out_of_memory_in_the_pass_falls_back_and_restores_the_model(
 ):
     model = tiny_model("qwen3_vl_moe")
     before = _tensors(model)
-    monkeypatch.setattr(gamma_mod, "_free_bytes", lambda device: 1 << 62)
+    monkeypatch.setattr(placement, "free_bytes", lambda device: 1 << 62)
     seen: list[set[str]] = []
     copies: list[weakref.ref] = []
 
@@ -146,7 +147,7 @@ def test_cuda_free_memory_includes_the_allocator_cache(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 << 30, 140 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 7 << 30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 3 << 30)
-    assert gamma_mod._free_bytes(torch.device("cuda", 0)) == 14 << 30
+    assert placement.free_bytes(torch.device("cuda", 0)) == 14 << 30
 
 
 def test_given_gamma_is_used_as_is(tiny_model, calib):
