@@ -50,6 +50,12 @@ def test_bad_flag_value_is_one_line_and_nonzero():
     assert "Traceback" not in res.stderr
 
 
+def test_negative_tune_epochs_is_one_line_and_nonzero(capsys):
+    assert main(["quantize", "--tune-epochs", "-1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "greater than or equal to 0" in err
+
+
 def test_out_of_range_fp_target_is_one_line_and_nonzero(capsys):
     assert main(["quantize", "--fp-target", "1.5", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
@@ -97,6 +103,9 @@ def test_quantize_passes_lam_and_the_models_own_calibration_source(monkeypatch, 
     assert seen["fp_target"] == 0.25 and seen["true_sequential"] is False
     assert main(["quantize", "--true-sequential", "--quiet"]) == 0
     assert seen["true_sequential"] is True
+    assert seen["tune_epochs"] is None and seen["tune_lr"] == 2e-3  # the width's default
+    assert main(["quantize", "--tune-epochs", "3", "--tune-lr", "0.01", "--quiet"]) == 0
+    assert seen["tune_epochs"] == 3 and seen["tune_lr"] == 0.01
 
 
 def test_models_lists_bundled(capsys):

@@ -18,7 +18,7 @@ import veq
 from veq import api
 from veq.calib import gamma as gamma_mod
 from veq.calib import placement
-from veq.checkpoint import MANIFEST, atomic_directory, verify
+from veq.checkpoint import MANIFEST, atomic_directory, read_tensors, verify
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +241,27 @@ def test_sigint_mid_run_leaves_no_cache_entry(qwen_dir, tmp_path):
     assert proc.returncode == 130
     assert [e for e in _entries(cache) if not e.startswith(".")] == []
     assert _entries(cache) == []  # and no temporary directory either
+
+
+def test_veq_at_two_bits_tunes_its_scales_or_says_why_not(qwen_dir, tmp_path, monkeypatch):
+    kw = dict(method="veq", bits=2, samples=4, gamma=10.0, group_size=32, progress=False)
+    monkeypatch.setattr(api, "_MEMO", OrderedDict())
+    tuned = veq.quantize(qwen_dir, out=tmp_path / "tuned", device="cpu", **kw)
+    assert tuned.report["recipe"]["tune_epochs"] == 2  # veq's default at 2 bits
+    t = tuned.report["tuning"]
+    assert t["epochs"] == 2 and t["kl_after"] < t["kl_before"] and t["kept"]
+    # The checkpoint holds the tuned scales: it differs from the same recipe untuned.
+    untuned = veq.quantize(qwen_dir, out=tmp_path / "untuned", device="cpu", tune_epochs=0, **kw)
+    assert untuned.report["tuning"] == {}
+    a, b = read_tensors(tuned.path), read_tensors(untuned.path)
+    scales = [k for k in a if k.endswith("weight_scale")]
+    assert scales and sum(not torch.equal(a[k], b[k]) for k in scales) > len(scales) / 2
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("weight_packed"))
+    # Where the backward pass does not fit, the checkpoint is still written, untuned, and the
+    # report says why.
+    monkeypatch.setattr(api, "_MEMO", OrderedDict())
+    monkeypatch.setattr(placement, "free_bytes", lambda device: 0)
+    skipped = veq.quantize(qwen_dir, out=tmp_path / "skipped", device="cpu", **kw)
+    assert verify(skipped.path)
+    assert skipped.report["tuning"]["skipped"].startswith("the model does not fit")
+    assert all(torch.equal(read_tensors(skipped.path)[k], b[k]) for k in scales)

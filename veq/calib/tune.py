@@ -59,9 +59,9 @@ class Targets:
     logp_rest: Tensor
 
 
-def text_positions(kinds: Tensor) -> Tensor:
-    """`[P]` long: the positions whose next token is text (`kinds: [S]`)."""
-    return (kinds[1:] != TokenKind.VISION).nonzero().squeeze(1)
+def answer_positions(kinds: Tensor) -> Tensor:
+    """`[P]` long: the positions whose next token is an answer token (`kinds: [S]`)."""
+    return (kinds[1:] == TokenKind.ANSWER).nonzero().squeeze(1)
 
 
 def _coarse(logp: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -90,7 +90,7 @@ def teacher_targets(
     out = []
     with backward_room(model, samples, device, TuneUnavailable):
         for s in samples:
-            pos = text_positions(s.kinds).to(device)
+            pos = answer_positions(s.kinds).to(device)
             logp = _logits(model, s, device)[pos].float().log_softmax(-1)
             # One token always stays outside the top k, so the rest's mass is never empty.
             ids = logp.topk(min(top_k, logp.shape[-1] - 1), dim=-1).indices
