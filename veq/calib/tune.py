@@ -9,7 +9,9 @@ change: a tuned checkpoint loads wherever an untuned one does.
 
 The 16-bit model's distributions are kept as their top-k tokens and the total of the rest
 (`Targets`): the KL of that (k+1)-way coarsening is exact, and it costs k numbers per position
-instead of the vocabulary. Positions are those whose next token is text (prompt or answer).
+instead of the vocabulary. Positions are those that predict answer tokens: what a user reads,
+and what the 16-bit model is sure of (on the prompt's own text it is not, and matching its
+uncertainty there did not carry over to held-out answers on `mini`).
 
 Shape legend: P positions, k top tokens, V vocabulary, N out-features, K in-features, ng groups.
 """
@@ -204,11 +206,12 @@ def _mean_kl(
     model: nn.Module,
     samples: Sequence[CalibSample],
     targets: Sequence[Targets],
-    params: dict[str, Tensor],
+    tuner: _Tuner,
     device: torch.device,
 ) -> float:
-    """KL per position over the calibration set with `params` in the model."""
+    """KL per position over the calibration set with `tuner`'s weights in the model."""
     with torch.no_grad():
+        params = tuner.overrides()
         total = sum(
             float(
                 coarse_kl(
@@ -221,6 +224,7 @@ def _mean_kl(
 
 
 def _to(t: Targets, device: torch.device) -> Targets:
+    """`t` on `device`."""
     return Targets(*(x.to(device) for x in (t.positions, t.ids, t.logp, t.logp_rest)))
 
 
@@ -244,17 +248,21 @@ def tune_scales(
     device = torch.empty(0, device=device).device
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
-    tuned: dict[str, QuantizedWeight] | None = None
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
-    extra = sum(3 * qw.codes.numel() + 16 * qw.scale.numel() for qw in result.weights.values())
+    # Per quantized weight on the device: its int8 codes, the rebuilt copy and its gradient in
+    # the model's dtype; per scale, the multiplier, its gradient and Adam's two moments (fp32).
+    width = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+    extra = sum(
+        (1 + 2 * width) * qw.codes.numel() + 16 * qw.scale.numel() for qw in result.weights.values()
+    )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         with backward_room(model, samples, device, TuneUnavailable, extra_bytes=extra):
             tuner = _Tuner(model, result.weights, device)
-            before = _mean_kl(model, samples, targets, tuner.overrides(), device)
+            before = _mean_kl(model, samples, targets, tuner, device)
             opt = torch.optim.Adam(tuner.mult.values(), lr=lr)
             steps = epochs * math.ceil(len(samples) / BATCH)
             bar = tqdm(total=steps, desc="tune scales", unit="step", disable=not progress)
@@ -264,19 +272,22 @@ def tune_scales(
                     for b in range(0, len(order), BATCH):
                         batch = order[b : b + BATCH]
                         params = tuner.overrides()
-                        n_pos = sum(int(targets[i].positions.numel()) for i in batch)
+                        n_pos = max(sum(int(targets[i].positions.numel()) for i in batch), 1)
+                        loss = 0.0
                         for i in batch:
                             t = _to(targets[i], device)
                             logits = _logits(model, samples[i], device, **params)[t.positions]
-                            (coarse_kl(logits, t) / max(n_pos, 1)).backward(retain_graph=True)
+                            kl = coarse_kl(logits, t) / n_pos
+                            kl.backward(retain_graph=True)  # the rebuilt weights serve the batch
+                            loss += float(kl.detach())
                         opt.step()
                         opt.zero_grad(set_to_none=True)
+                        bar.set_postfix(kl=f"{loss:.3g}", refresh=False)
                         bar.update(1)
             finally:
                 bar.close()
             tuned = tuner.stored()
-            stored = _Tuner(model, tuned, device)
-            after = _mean_kl(model, samples, targets, stored.overrides(), device)
+            after = _mean_kl(model, samples, targets, _Tuner(model, tuned, device), device)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
