@@ -35,19 +35,21 @@ METHODS_HELP = """methods (--method):
            scale searches weigh tokens by the same c as its Hessians (--no-weighted-search:
            every routed token once); and its GPTQ aims halfway at the 16-bit model's
            outputs from the quantized model's inputs (--fp-target 0.5, GPTAQ's asymmetric
-           calibration; 0 turns it off); at 2 bits, its scales are then trained end to end
-           towards the 16-bit model's answers on the calibration set, codes fixed
-           (--tune-epochs 2, EfficientQAT's E2E-QP); optionally, Hessian tokens weighted by gradient
-           saliency (--saliency) or γ per layer (--gamma-per-layer). Any GPTQ-family method
-           can search each group's range under the Hessian instead of min-max
-           (--range-search), aim at the 16-bit outputs (--fp-target), or quantize attention
-           before collecting the experts' statistics (--true-sequential); any calibrated
-           method can tune its scales end to end (--tune-epochs)
+           calibration; 0 turns it off); at 2 bits in groups of 128 or more, its scales are
+           then trained end to end towards the 16-bit model's answers on the calibration
+           set, codes fixed (--tune-epochs 2, EfficientQAT's E2E-QP); optionally, Hessian
+           tokens weighted by gradient saliency (--saliency) or γ per layer
+           (--gamma-per-layer). Any GPTQ-family method can search each group's range under
+           the Hessian instead of min-max (--range-search), aim at the 16-bit outputs
+           (--fp-target), or quantize attention before collecting the experts' statistics
+           (--true-sequential); any calibrated method can tune its scales end to end
+           (--tune-epochs)
 
 defaults: W4 g128, symmetric codes at 4 and 8 bits (asymmetric at 2 and 3), γ measured
 ('auto') with one backward pass per calibration sample, λ = 1 for veq-ma and 2 for veq,
 fp target 0.5 for veq and 0 for gptq and veq-ma, scale tuning 2 epochs for veq at 2 bits
-and off otherwise, act-order on, GPTQ damping 1 %, 128 samples."""
+in groups of 128 or more (or per channel) and off otherwise, act-order on, GPTQ damping 1 %,
+128 samples."""
 CALIB_HELP = (
     "calibration source: builtin (photographs + text-only turns), shapes (the bundled model's "
     "task), a JSONL file, or hf:NAME[:SPLIT] (default: the model's own: shapes for mini, else "
@@ -618,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="after the layer loop, train every scale (codes fixed) for N passes over the "
         "calibration set towards the 16-bit model's answers (end-to-end scale tuning; default "
-        "2 for veq at 2 bits, else 0)",
+        "2 for veq at 2 bits in groups of 128 or more, else 0)",
     )
     p.add_argument(
         "--tune-lr",

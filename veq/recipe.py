@@ -34,11 +34,15 @@ DEFAULT_TAU: dict[int, float] = {2: 0.5, 3: 0.25, 4: 0.25, 8: 0.25}
 #: `veq`'s fp-target strength (GPTAQ's asymmetric calibration, halfway to the least-squares
 #: target); `gptq` and `veq-ma` stay the published methods (0). BENCHMARKS "Quality levers".
 DEFAULT_FP_TARGET: dict[str, float] = {"veq": 0.5}
-#: `veq`'s end-to-end scale-tuning epochs per width (`Recipe.tune_epochs`; other methods: 0).
-#: On `mini` (1,000 held-out questions, 3 calibration seeds) two epochs lower W2 g128's KL from
-#: 4.3e-3 to 3.0e-3 but raise W3 g128's from 1.5e-4 to 1.9e-4: the 128 samples are too few to
-#: tune on where the error is that small (BENCHMARKS "Quality levers").
+#: `veq`'s end-to-end scale-tuning epochs per width (`Recipe.tune_epochs`; other methods: 0),
+#: for groups of `TUNE_MIN_GROUP` columns or more. On `mini` (1,000 held-out questions, 3
+#: calibration seeds) two epochs lower W2 g128's KL from 4.3e-3 to 3.0e-3 but raise W3 g128's
+#: from 1.5e-4 to 1.9e-4: the 128 samples are too few to tune on where the error is that small
+#: (BENCHMARKS "Quality levers").
 DEFAULT_TUNE_EPOCHS: dict[int, int] = {2: 2}
+#: Smaller groups are not tuned by default: g64 has twice g128's scales to fit to the same
+#: samples, and on `mini` tuning raised W2 g64's KL on every seed (3.2e-3 to 3.7e-3).
+TUNE_MIN_GROUP = 128
 
 Method = Literal["rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq"]
 METHODS: tuple[str, ...] = ("rtn", "awq", "gptq", "mbq", "veq-me", "veq-ma", "veq")
@@ -147,7 +151,8 @@ class Recipe(BaseModel):
         description="End-to-end scale tuning after the layer loop: passes over the calibration "
         "set training every scale (codes and zero points fixed) towards the 16-bit model's "
         "next-token distributions on the answers (EfficientQAT's E2E-QP); 0: off. Default: "
-        "2 for veq at 2 bits, else 0 (DEFAULT_TUNE_EPOCHS).",
+        "2 for veq at 2 bits in groups of 128 or more (or per channel), else 0 "
+        "(DEFAULT_TUNE_EPOCHS, TUNE_MIN_GROUP).",
     )
     tune_lr: float = Field(
         2e-3, gt=0, le=1, description="Adam learning rate of scale tuning, relative to each scale."
@@ -188,7 +193,9 @@ class Recipe(BaseModel):
         if data.get("tau") is None:
             data = {**data, "tau": DEFAULT_TAU.get(narrowest, 0.25)}
         if data.get("tune_epochs") is None:
-            epochs = DEFAULT_TUNE_EPOCHS.get(narrowest, 0) if method == "veq" else 0
+            group = data.get("group_size", 128)
+            coarse = group is None or (isinstance(group, int) and group >= TUNE_MIN_GROUP)
+            epochs = DEFAULT_TUNE_EPOCHS.get(narrowest, 0) if method == "veq" and coarse else 0
             data = {**data, "tune_epochs": epochs}
         return data
 

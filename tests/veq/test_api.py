@@ -244,10 +244,10 @@ def test_sigint_mid_run_leaves_no_cache_entry(qwen_dir, tmp_path):
 
 
 def test_veq_at_two_bits_tunes_its_scales_or_says_why_not(qwen_dir, tmp_path, monkeypatch):
-    kw = dict(method="veq", bits=2, samples=4, gamma=10.0, group_size=32, progress=False)
+    kw = dict(method="veq", bits=2, samples=4, gamma=10.0, group_size=None, progress=False)
     monkeypatch.setattr(api, "_MEMO", OrderedDict())
     tuned = veq.quantize(qwen_dir, out=tmp_path / "tuned", device="cpu", **kw)
-    assert tuned.report["recipe"]["tune_epochs"] == 2  # veq's default at 2 bits
+    assert tuned.report["recipe"]["tune_epochs"] == 2  # veq's default at 2 bits per channel
     t = tuned.report["tuning"]
     assert t["epochs"] == 2 and t["kl_after"] < t["kl_before"] and t["kept"]
     # The checkpoint holds the tuned scales: it differs from the same recipe untuned.

@@ -130,8 +130,11 @@ def test_tuning_that_does_not_fit_raises_and_leaves_the_model(tiny_model, calib,
         assert torch.equal(p, before[n]), n
 
 
-def test_defaults_tune_veq_at_two_bits_only():
+def test_defaults_tune_veq_at_two_bits_in_coarse_groups_only():
     assert Recipe(method="veq", bits=2).tune_epochs == 2
+    assert Recipe(method="veq", bits=2, group_size=None).tune_epochs == 2
+    assert Recipe(method="veq", bits=2, group_size=64).tune_epochs == 0
+    assert Recipe(method="veq", bits=2, group_size=64, tune_epochs=2).tune_epochs == 2
     assert Recipe(method="veq", bits=3).tune_epochs == 0
     assert Recipe(method="veq", bits=4, mixed_precision=2.5).tune_epochs == 2
     assert Recipe(method="gptq", bits=2).tune_epochs == 0
