@@ -194,7 +194,10 @@ class Recipe(BaseModel):
             data = {**data, "tau": DEFAULT_TAU.get(narrowest, 0.25)}
         if data.get("tune_epochs") is None:
             group = data.get("group_size", 128)
-            coarse = group is None or (isinstance(group, int) and group >= TUNE_MIN_GROUP)
+            try:  # as the field will read it ("128" is 128); a bad value is the field's error
+                coarse = group is None or int(group) >= TUNE_MIN_GROUP
+            except (TypeError, ValueError):
+                coarse = False
             epochs = DEFAULT_TUNE_EPOCHS.get(narrowest, 0) if method == "veq" and coarse else 0
             data = {**data, "tune_epochs": epochs}
         return data

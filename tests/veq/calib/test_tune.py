@@ -134,6 +134,7 @@ def test_defaults_tune_veq_at_two_bits_in_coarse_groups_only():
     assert Recipe(method="veq", bits=2).tune_epochs == 2
     assert Recipe(method="veq", bits=2, group_size=None).tune_epochs == 2
     assert Recipe(method="veq", bits=2, group_size=64).tune_epochs == 0
+    assert Recipe(method="veq", bits=2, group_size="128") == Recipe(method="veq", bits=2)
     assert Recipe(method="veq", bits=2, group_size=64, tune_epochs=2).tune_epochs == 2
     assert Recipe(method="veq", bits=3).tune_epochs == 0
     assert Recipe(method="veq", bits=4, mixed_precision=2.5).tune_epochs == 2
