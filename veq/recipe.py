@@ -193,7 +193,7 @@ class Recipe(BaseModel):
         if data.get("tau") is None:
             data = {**data, "tau": DEFAULT_TAU.get(narrowest, 0.25)}
         if data.get("tune_epochs") is None:
-            group = data.get("group_size", 128)
+            group = data.get("group_size", cls.model_fields["group_size"].default)
             try:  # as the field will read it ("128" is 128); a bad value is the field's error
                 coarse = group is None or int(group) >= TUNE_MIN_GROUP
             except (TypeError, ValueError):
